@@ -1,0 +1,1 @@
+"""Dead-letter tooling: ``python -m service dlq``."""

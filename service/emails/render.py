@@ -1,0 +1,113 @@
+"""Render a booking email: pure, from a BookingView to a MIME message.
+
+HTML templates autoescape; every header value built from guest or venue data is stripped of
+control characters first, so no guest text can start a header of its own.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import datetime, timedelta
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime, parseaddr
+from functools import lru_cache
+
+import icalendar
+import jinja2
+
+from service.emails.models import BookingView
+from service.emails.rules import EmailType
+
+SUBJECTS: dict[EmailType, str] = {
+    EmailType.REQUEST_RECEIVED: "We received your booking request at {venue}",
+    EmailType.CONFIRMED: "Your table at {venue} is confirmed",
+    EmailType.UPDATED: "Your booking at {venue} was updated",
+    EmailType.CANCELLED: "Your booking at {venue} is cancelled",
+}
+CALENDAR_DURATION = timedelta(hours=2)
+
+
+class UnrenderableBooking(ValueError):
+    """The booking's data cannot make a valid email (for example a malformed address)."""
+
+
+@lru_cache(maxsize=1)
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("service.emails", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+
+
+def single_line(text: str) -> str:
+    """Drop control characters (CR, LF, NUL, ...) so that text is safe inside one header."""
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] != "C").strip()
+
+
+def message_id(booking_id: object, email_type: EmailType, sender: str) -> str:
+    """A deterministic Message-ID per (booking, email type), so receivers can de-duplicate."""
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "booking.invalid"
+    return f"<booking-{booking_id}.{email_type.value}@{domain}>"
+
+
+def calendar_file(booking: BookingView, sender: str) -> bytes:
+    cal = icalendar.Calendar()
+    cal.add("prodid", "-//booking-durability-service//EN")
+    cal.add("version", "2.0")
+    cal.add("method", "PUBLISH")
+    event = icalendar.Event()
+    event.add("uid", f"booking-{booking.booking_id}@{parseaddr(sender)[1].rpartition('@')[2]}")
+    event.add("dtstamp", booking.starts_at)
+    event.add("dtstart", booking.starts_at)
+    event.add("dtend", booking.starts_at + CALENDAR_DURATION)
+    event.add("summary", f"Table for {booking.party_size} at {single_line(booking.venue_name)}")
+    event.add("location", single_line(booking.venue_name))
+    cal.add_component(event)
+    return bytes(cal.to_ical())
+
+
+def render(booking: BookingView, email_type: EmailType, sender: str, now: datetime) -> EmailMessage:
+    """The complete message for ``email_type``; raises UnrenderableBooking on unusable data."""
+    context = {
+        "guest_name": booking.guest_name,
+        "party_size": booking.party_size,
+        "when": booking.local_start().strftime("%A %d %B %Y at %H:%M"),
+        "notes": booking.notes,
+        "venue_name": booking.venue_name,
+        "locale": single_line(booking.locale)[:16],
+    }
+    env = _env()
+    text = env.get_template(f"{email_type.value}.txt").render(context)
+    html = env.get_template(f"{email_type.value}.html").render(context)
+
+    try:
+        recipient = Address(
+            display_name=single_line(booking.guest_name)[:128], addr_spec=booking.guest_email
+        )
+    except (ValueError, IndexError) as error:
+        raise UnrenderableBooking(
+            f"guest email address is not valid: {type(error).__name__}"
+        ) from None
+    if not recipient.domain or any(c in booking.guest_email for c in "\r\n"):
+        raise UnrenderableBooking("guest email address is not valid: no domain")
+
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = recipient
+    msg["Subject"] = single_line(SUBJECTS[email_type].format(venue=booking.venue_name))[:200]
+    msg["Message-ID"] = message_id(booking.booking_id, email_type, sender)
+    msg["Date"] = format_datetime(now)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg.set_content(text)
+    msg.add_alternative(html, subtype="html")
+    if email_type is EmailType.CONFIRMED:
+        msg.add_attachment(
+            calendar_file(booking, sender),
+            maintype="text",
+            subtype="calendar",
+            filename="booking.ics",
+        )
+    return msg

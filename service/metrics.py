@@ -1,0 +1,75 @@
+"""Every metric the service exports, defined in one place.
+
+Counters and histograms work in Prometheus multiprocess mode (PROMETHEUS_MULTIPROC_DIR set
+before the workers fork). Values read from the broker or the database at scrape time are
+exported by collectors registered on the exposition server, see ``service.observability``.
+The docs/metrics.md page lists each metric with its labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EMAILS = Counter(
+    "booking_emails_total",
+    "Booking emails by type and outcome "
+    "(sent, sent_immediate, skipped, duplicate, retried, failed, dead).",
+    ["type", "outcome"],
+)
+EMAIL_SEND_SECONDS = Histogram(
+    "booking_email_send_seconds",
+    "Time to load, render and hand one booking email to SMTP.",
+    ["type"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+EMAIL_PRODUCER_DECISIONS = Counter(
+    "booking_email_producer_decisions_total",
+    "What send_booking_email.send() did: queued, immediate_flag_off, immediate_broker_down, "
+    "recorded_pending.",
+    ["decision"],
+)
+REENQUEUE_FAILURES = Counter(
+    "booking_email_reenqueue_failures_total",
+    "Retries whose re-enqueue failed (broker unreachable); the delivery row keeps them for "
+    "the reconciler.",
+)
+RECONCILER_REQUEUED = Counter(
+    "booking_reconciler_requeued_total",
+    "Emails the reconciler enqueued again because no delivery completed.",
+    ["type", "reason"],
+)
+OUTBOX_EVENTS = Counter(
+    "booking_outbox_events_total",
+    "Outbox events by type and outcome (delivered, retried, dead).",
+    ["event_type", "outcome"],
+)
+POLICY_DRIFT = Counter(
+    "booking_policy_drift_total",
+    "Policy drift at confirmation by outcome (detected, recovered, escalated).",
+    ["outcome"],
+)
+CONFIRMATIONS = Counter(
+    "booking_confirmations_total",
+    "Hold confirmations by outcome (confirmed, recovered, escalated, rejected).",
+    ["outcome"],
+)
+HOLDS_REJECTED = Counter(
+    "booking_holds_rejected_total",
+    "Holds rejected at creation or confirmation, by error code.",
+    ["reason"],
+)
+CONFIRM_INCOMPLETE_METADATA = Counter(
+    "booking_confirmations_incomplete_metadata_total",
+    "Confirmations attempted on a hold with incomplete metadata (should stay at zero).",
+)
+FLAG_ENABLED = Gauge(
+    "booking_flag_enabled",
+    "Last evaluated value of each feature flag (1 on, 0 off).",
+    ["flag"],
+    multiprocess_mode="liveall",
+)
+DEAD_LETTERS_RECORDED = Counter(
+    "booking_dead_letters_recorded_total",
+    "Messages recorded as dead letters in Postgres, by queue and reason.",
+    ["queue", "reason"],
+)
