@@ -350,6 +350,9 @@ def _confirm_in(
     booking = repo.lock_booking(conn, booking_id)
     if booking is None:
         raise CapacityError(BOOKING_NOT_FOUND, "no such booking", {"bookingId": str(booking_id)})
+    # Concurrent inserts checked by one exclusion constraint can deadlock each other, and a
+    # policy change must not commit between the version check and the assignment.
+    repo.lock_venue(conn, booking.venue_id)
     hold = repo.lock_hold(conn, hold_id)
     ids = {"holdId": str(hold_id), "bookingId": str(booking_id)}
     if hold is None:

@@ -102,7 +102,7 @@ def save_policy(conn: Connection, venue_id: uuid.UUID, policy: CapacityPolicy) -
     """
     if policy.venue_id != str(venue_id):
         raise ValueError(f"policy is for venue {policy.venue_id}, not {venue_id}")
-    conn.execute("SELECT id FROM venues WHERE id = %s FOR UPDATE", (venue_id,))
+    conn.execute("SELECT id FROM venues WHERE id = %s FOR NO KEY UPDATE", (venue_id,))
     row = conn.execute(
         """
         INSERT INTO capacity_policy_revisions (venue_id, revision, version, adjacency_hash, policy)
@@ -199,9 +199,10 @@ def lock_booking(conn: Connection, booking_id: uuid.UUID) -> BookingRecord | Non
 
 
 def lock_venue(conn: Connection, venue_id: uuid.UUID) -> VenueRecord:
-    """The venue, locked: hold creation for one venue is serialised on this row."""
+    """The venue, locked: hold creation, confirmation and policy changes of one venue are
+    serialised on this row. ``NO KEY UPDATE`` leaves inserts that reference the venue free."""
     row = conn.execute(
-        "SELECT id, name, timezone FROM venues WHERE id = %s FOR UPDATE", (venue_id,)
+        "SELECT id, name, timezone FROM venues WHERE id = %s FOR NO KEY UPDATE", (venue_id,)
     ).fetchone()
     if row is None:
         raise LookupError(f"venue {venue_id} not found")
