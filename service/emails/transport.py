@@ -6,7 +6,7 @@ import smtplib
 import ssl
 import threading
 from dataclasses import dataclass
-from email.message import EmailMessage
+from email.message import Message
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from service.config import get_settings
@@ -99,7 +99,7 @@ class SmtpTransport:
             conn.login(t.username, t.password or "")
         return conn
 
-    def send(self, message: EmailMessage) -> None:
+    def send(self, message: Message) -> None:
         """Hand ``message`` to the server; raises TransientSmtpError or PermanentSmtpError."""
         for attempt in (1, 2):
             try:
@@ -149,5 +149,5 @@ def get_transport() -> SmtpTransport:
     return transport
 
 
-def send_message(message: EmailMessage) -> None:
+def send_message(message: Message) -> None:
     get_transport().send(message)

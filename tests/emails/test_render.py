@@ -118,3 +118,23 @@ def test_message_id_is_deterministic_per_booking_and_type() -> None:
     assert message_id(b, EmailType.CONFIRMED, SENDER) == message_id(b, EmailType.CONFIRMED, SENDER)
     assert message_id(b, EmailType.CONFIRMED, SENDER) != message_id(b, EmailType.CANCELLED, SENDER)
     assert message_id(b, EmailType.CONFIRMED, SENDER).endswith("@example.test>")
+
+
+def test_non_ascii_names_survive_encoding() -> None:
+    msg = parsed(booking(guest_name="Zoë Ångström", venue_name="Café Œuvre"), EmailType.CONFIRMED)
+    assert msg["To"].addresses[0].display_name == "Zoë Ångström"
+    assert msg["Subject"] == "Your table at Café Œuvre is confirmed"
+    html, text = html_and_text(msg)
+    assert "Zoë Ångström" in html and "Zoë Ångström" in text
+    raw = render(booking(guest_name="Zoë"), EmailType.CONFIRMED, SENDER, NOW).as_bytes()
+    assert raw.isascii(), "headers are RFC 2047 encoded and bodies quoted-printable"
+
+
+def test_an_internationalised_domain_is_sent_as_punycode() -> None:
+    msg = parsed(booking(guest_email="ada@bücher.example"), EmailType.CONFIRMED)
+    assert msg["To"].addresses[0].addr_spec == "ada@xn--bcher-kva.example"
+
+
+def test_a_non_ascii_local_part_is_refused_clearly() -> None:
+    with pytest.raises(UnrenderableBooking, match="NonASCIILocalPart"):
+        render(booking(guest_email="zoë@guests.example"), EmailType.CONFIRMED, SENDER, NOW)
