@@ -43,7 +43,7 @@ from service.capacity.holds import (
     format_path,
     require_valid_hold_metadata,
 )
-from service.capacity.policy import adjacency_hash, edges_among, policy_version
+from service.capacity.policy import adjacency_hash, edges_among
 from service.capacity.quoting import quote
 from service.config import get_settings
 from service.db import transaction
@@ -274,7 +274,7 @@ def _checked_metadata(
     """
     raw = hold.metadata
     claimed = raw.get("policyVersion") if isinstance(raw, Mapping) else None
-    if claimed == policy_version(current.policy):
+    if claimed == current.version:
         held_under: repo.PolicyRevision | None = current
     elif isinstance(claimed, str):
         held_under = repo.policy_by_version(conn, hold.venue_id, claimed)
@@ -314,7 +314,7 @@ def _drift_error(
             "holdId": str(hold.id),
             "venueId": str(hold.venue_id),
             "expectedVersion": metadata.policy_version,
-            "actualVersion": policy_version(current.policy),
+            "actualVersion": current.version,
             "adjacencyHashBefore": metadata.selection.snapshot.adjacency.hash,
             "adjacencyHashAfter": adjacency_hash(
                 edges_among(current.policy.adjacency, metadata.table_ids)
@@ -389,7 +389,7 @@ def _confirm_in(
         )
     current = _current_policy(conn, hold.venue_id)
     metadata, held_under = _checked_metadata(conn, hold, current)
-    if metadata.policy_version != policy_version(current.policy):
+    if metadata.policy_version != current.version:
         raise _drift_error(hold, metadata, held_under, current)
     try:
         repo.assign_tables(conn, hold)

@@ -6,7 +6,9 @@ computed by :mod:`service.capacity.policy` and only stored here.
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -82,14 +84,46 @@ class HoldRecord:
         )
 
 
-def _revision(row: Mapping[str, Any]) -> PolicyRevision:
+_POLICY_CACHE_SIZE = 256
+_PolicyKey = tuple[int, uuid.UUID, str]
+_policies: OrderedDict[_PolicyKey, CapacityPolicy] = OrderedDict()
+_policies_lock = threading.Lock()
+
+
+def _policy_of(conn: Connection, row: Mapping[str, Any]) -> CapacityPolicy:
+    """The parsed policy of a revision row (without its ``policy`` column).
+
+    Revisions are never updated (a change is a new row), so each process parses a policy
+    once. The key includes the venue and the version, so that a revision id reused after a
+    database restore can never answer with another policy.
+    """
+    key: _PolicyKey = (row["id"], row["venue_id"], row["version"])
+    with _policies_lock:
+        cached = _policies.get(key)
+        if cached is not None:
+            _policies.move_to_end(key)
+            return cached
+    found = conn.execute(
+        "SELECT policy FROM capacity_policy_revisions WHERE id = %s", (row["id"],)
+    ).fetchone()
+    if found is None:
+        raise LookupError(f"policy revision {row['id']} not found")
+    policy = CapacityPolicy.model_validate(found["policy"])
+    with _policies_lock:
+        _policies[key] = policy
+        while len(_policies) > _POLICY_CACHE_SIZE:
+            _policies.popitem(last=False)
+    return policy
+
+
+def _revision(row: Mapping[str, Any], policy: CapacityPolicy) -> PolicyRevision:
     return PolicyRevision(
         id=row["id"],
         venue_id=row["venue_id"],
         revision=row["revision"],
         version=row["version"],
         adjacency_hash=row["adjacency_hash"],
-        policy=CapacityPolicy.model_validate(row["policy"]),
+        policy=policy,
         created_at=row["created_at"],
     )
 
@@ -108,7 +142,7 @@ def save_policy(conn: Connection, venue_id: uuid.UUID, policy: CapacityPolicy) -
         INSERT INTO capacity_policy_revisions (venue_id, revision, version, adjacency_hash, policy)
         SELECT %(venue)s, COALESCE(max(revision), 0) + 1, %(version)s, %(adjacency)s, %(policy)s
         FROM capacity_policy_revisions WHERE venue_id = %(venue)s
-        RETURNING *
+        RETURNING id, venue_id, revision, version, adjacency_hash, created_at
         """,
         {
             "venue": venue_id,
@@ -127,52 +161,58 @@ def save_policy(conn: Connection, venue_id: uuid.UUID, policy: CapacityPolicy) -
         (venue_id, row["id"]),
     )
     ensure_table_slots(conn, venue_id, [t.id for t in policy.tables])
-    return _revision(row)
+    return _revision(row, policy)
 
 
 def current_policy(conn: Connection, venue_id: uuid.UUID) -> PolicyRevision | None:
     row = conn.execute(
         """
-        SELECT r.* FROM capacity_current_policies c
+        SELECT r.id, r.venue_id, r.revision, r.version, r.adjacency_hash, r.created_at
+        FROM capacity_current_policies c
         JOIN capacity_policy_revisions r ON r.id = c.revision_id
         WHERE c.venue_id = %s
         """,
         (venue_id,),
     ).fetchone()
-    return None if row is None else _revision(row)
+    return None if row is None else _revision(row, _policy_of(conn, row))
 
 
 def policy_by_version(conn: Connection, venue_id: uuid.UUID, version: str) -> PolicyRevision | None:
     """The latest revision of the venue whose stored version is ``version``."""
     row = conn.execute(
         """
-        SELECT * FROM capacity_policy_revisions
+        SELECT r.id, r.venue_id, r.revision, r.version, r.adjacency_hash, r.created_at
+        FROM capacity_policy_revisions r
         WHERE venue_id = %s AND version = %s
         ORDER BY revision DESC LIMIT 1
         """,
         (venue_id, version),
     ).fetchone()
-    return None if row is None else _revision(row)
+    return None if row is None else _revision(row, _policy_of(conn, row))
 
 
 def ensure_table_slots(
     conn: Connection, venue_id: uuid.UUID, table_ids: Iterable[str]
 ) -> dict[str, int]:
-    """The slot of each table, allocating the missing ones."""
+    """The slot of each table, allocating the missing ones (rarely any: a policy's tables get
+    their slots when it is saved)."""
     ids = sorted(set(table_ids))
-    conn.execute(
-        """
-        INSERT INTO capacity_table_slots (venue_id, table_id)
-        SELECT %s, t FROM unnest(%s::text[]) AS t
-        ON CONFLICT (venue_id, table_id) DO NOTHING
-        """,
-        (venue_id, ids),
+    query = (
+        "SELECT table_id, slot FROM capacity_table_slots WHERE venue_id = %s AND table_id = ANY(%s)"
     )
-    rows = conn.execute(
-        "SELECT table_id, slot FROM capacity_table_slots WHERE venue_id = %s AND table_id = ANY(%s)",
-        (venue_id, ids),
-    ).fetchall()
-    return {r["table_id"]: r["slot"] for r in rows}
+    slots = {r["table_id"]: r["slot"] for r in conn.execute(query, (venue_id, ids))}
+    missing = [t for t in ids if t not in slots]
+    if missing:
+        conn.execute(
+            """
+            INSERT INTO capacity_table_slots (venue_id, table_id)
+            SELECT %s, t FROM unnest(%s::text[]) AS t
+            ON CONFLICT (venue_id, table_id) DO NOTHING
+            """,
+            (venue_id, missing),
+        )
+        slots.update({r["table_id"]: r["slot"] for r in conn.execute(query, (venue_id, missing))})
+    return slots
 
 
 def _booking(row: Mapping[str, Any]) -> BookingRecord:

@@ -446,6 +446,25 @@ def test_racing_confirmations_for_the_same_table_have_one_winner(venue: Venue) -
     assert assignments(winner) == ["t1"]
 
 
+def test_a_policy_revision_id_reused_after_a_restore_is_read_afresh(venue: Venue) -> None:
+    with transaction() as conn:
+        before = repo.current_policy(conn, venue.id)
+        assert before is not None and [t.id for t in before.policy.tables] == ["t1", "t2", "t3"]
+        # A restore from before this revision: the row is gone and its id is handed out again.
+        conn.execute("DELETE FROM capacity_current_policies WHERE venue_id = %s", (venue.id,))
+        conn.execute("DELETE FROM capacity_policy_revisions WHERE venue_id = %s", (venue.id,))
+        conn.execute(
+            "SELECT setval(pg_get_serial_sequence('capacity_policy_revisions', 'id'), %s, false)",
+            (before.id,),
+        )
+    venue.change(tables=[table("p1", capacity=6)], adjacency=[])
+    with transaction() as conn:
+        after = repo.current_policy(conn, venue.id)
+    assert after is not None and after.id == before.id
+    assert [t.id for t in after.policy.tables] == ["p1"]
+    assert after.version == policy_version(after.policy) != before.version
+
+
 def test_an_expired_hold_does_not_block_a_new_one(venue: Venue) -> None:
     venue.change(tables=[venue.policy.tables[0]], adjacency=[])
     first, second = venue.booking(), venue.booking()
