@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal
@@ -55,13 +56,13 @@ class ServicePeriod(_Value):
     the weekday is the day the period starts."""
 
     name: str
-    weekdays: list[int] = Field(min_length=1)
+    weekdays: tuple[int, ...] = Field(min_length=1)
     start: time
     end: time
 
     @field_validator("weekdays")
     @classmethod
-    def _weekdays_in_range(cls, value: list[int]) -> list[int]:
+    def _weekdays_in_range(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if any(not 0 <= day <= 6 for day in value):
             raise ValueError("weekdays are 0 (Monday) to 6 (Sunday)")
         return value
@@ -100,11 +101,11 @@ class CapacityPolicy(_Value):
 
     venue_id: str
     timezone: str
-    zones: list[Zone]
-    tables: list[Table]
-    adjacency: list[Edge] = Field(default_factory=list)
-    service_periods: list[ServicePeriod]
-    turn_times: list[TurnTime] = Field(min_length=1)
+    zones: tuple[Zone, ...]
+    tables: tuple[Table, ...]
+    adjacency: tuple[Edge, ...] = ()
+    service_periods: tuple[ServicePeriod, ...]
+    turn_times: tuple[TurnTime, ...] = Field(min_length=1)
     buffer_minutes: int = Field(default=0, ge=0)
 
     @field_validator("timezone")
@@ -230,9 +231,22 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+_versions: dict[int, str] = {}
+
+
 def policy_version(policy: CapacityPolicy) -> str:
-    """SHA-256 hex of the canonical policy: changes whenever anything allocation depends on does."""
-    return _sha256(canonical_json(policy))
+    """SHA-256 hex of the canonical policy: changes whenever anything allocation depends on does.
+
+    A policy is immutable (frozen, tuples all the way down), so its hash is remembered for as
+    long as the object lives: quoting, metadata and drift checks on one policy hash it once.
+    """
+    key = id(policy)
+    version = _versions.get(key)
+    if version is None:
+        version = _sha256(canonical_json(policy))
+        _versions[key] = version
+        weakref.finalize(policy, _versions.pop, key, None)
+    return version
 
 
 def adjacency_hash(edges: Iterable[Sequence[str]]) -> str:

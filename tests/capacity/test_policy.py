@@ -315,3 +315,16 @@ def test_service_window_measures_elapsed_time_across_dst() -> None:
 def test_service_window_rejects_naive_datetimes() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         service_window(base_policy(), datetime(2024, 7, 5, 12, 30), 2)
+
+
+def test_a_policy_is_immutable_so_its_remembered_version_cannot_go_stale() -> None:
+    policy = make_policy([table("t1"), table("t2")], adjacency=[("t1", "t2")])
+    version = policy_version(policy)
+    assert isinstance(policy.tables, tuple) and isinstance(policy.adjacency, tuple)
+    with pytest.raises(ValidationError):
+        policy.buffer_minutes = 5  # type: ignore[misc]
+    changed = policy.model_copy(update={"buffer_minutes": 5})
+    assert policy_version(changed) != version
+    same = CapacityPolicy.model_validate(policy.model_dump(mode="json"))
+    assert same is not policy and policy_version(same) == version == policy_version(policy)
+    assert version == hashlib.sha256(canonical_json(policy).encode()).hexdigest()
