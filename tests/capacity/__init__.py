@@ -136,3 +136,12 @@ def policies(
         ],
         buffer_minutes=draw(st.integers(0, 30)),
     )
+
+
+def revised(policy: CapacityPolicy, **fields: Any) -> CapacityPolicy:
+    """``policy`` with ``fields`` replaced, lists turned into tuples as validation would.
+
+    Not validated, so that a test can build the intermediate states of an edit.
+    """
+    update = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return policy.model_copy(update=update)

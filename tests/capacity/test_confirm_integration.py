@@ -41,7 +41,7 @@ from service.capacity.holds import build_hold_metadata
 from service.capacity.policy import CapacityPolicy, TurnTime, policy_version
 from service.capacity.quoting import quote
 from service.db import DatabaseUnavailable, transaction
-from tests.capacity import make_policy, table
+from tests.capacity import make_policy, revised, table
 from tests.capacity.conftest import WebhookReceiver
 from tests.factories import insert_booking, insert_venue
 from tests.harness.servers import SmtpSink
@@ -79,7 +79,7 @@ class Venue:
             repo.save_policy(conn, self.id, policy)
 
     def change(self, **fields: Any) -> None:
-        self.save(self.policy.model_copy(update=fields))
+        self.save(revised(self.policy, **fields))
 
     def bump_turn_time(self) -> None:
         longest = max(t.minutes for t in self.policy.turn_times)

@@ -24,7 +24,7 @@ from service.capacity.policy import (
     policy_version,
 )
 from service.capacity.quoting import Occupancy, quote
-from tests.capacity import make_policy, table
+from tests.capacity import make_policy, revised, table
 
 NOW = datetime(2024, 7, 5, 9, 0, tzinfo=UTC)
 START = datetime(2024, 7, 5, 19, 0, tzinfo=UTC)
@@ -39,12 +39,12 @@ def floor(**overrides: Any) -> CapacityPolicy:
 
 
 def with_tables(policy: CapacityPolicy, *tables: Table) -> CapacityPolicy:
-    return policy.model_copy(update={"tables": list(tables)})
+    return revised(policy, tables=tables)
 
 
 def replace_table(policy: CapacityPolicy, table_id: str, **changes: object) -> CapacityPolicy:
     tables = [t.model_copy(update=changes) if t.id == table_id else t for t in policy.tables]
-    return policy.model_copy(update={"tables": tables})
+    return revised(policy, tables=tables)
 
 
 # --- policy against policy ------------------------------------------------------------------
@@ -63,12 +63,13 @@ def test_identical_policies_have_an_empty_diff() -> None:
 
 def test_reordering_alone_is_no_change() -> None:
     old = floor()
-    new = old.model_copy(
-        update={
+    new = revised(
+        old,
+        **{
             "tables": list(reversed(old.tables)),
             "zones": list(reversed(old.zones)),
             "adjacency": [("t3", "t2"), ("t2", "t1")],
-        }
+        },
     )
     diff = diff_policies(old, new)
     assert not diff.changed
@@ -77,11 +78,12 @@ def test_reordering_alone_is_no_change() -> None:
 
 def test_zones_added_removed_and_renamed() -> None:
     old = floor()
-    new = old.model_copy(
-        update={
+    new = revised(
+        old,
+        **{
             "zones": [Zone(id="main", name="Dining room"), Zone(id="bar", name="Bar")],
             "tables": [t for t in old.tables if t.zone_id == "main"],
-        }
+        },
     )
     diff = diff_policies(old, new)
     assert diff.zones_added == ["bar"]
@@ -118,9 +120,7 @@ def test_tables_added_removed_and_changed_field_by_field() -> None:
 def test_a_table_moving_zone_is_a_field_change() -> None:
     diff = diff_policies(
         floor(),
-        replace_table(floor(), "t3", zone_id="patio").model_copy(
-            update={"adjacency": [("t1", "t2")]}
-        ),
+        revised(replace_table(floor(), "t3", zone_id="patio"), adjacency=[("t1", "t2")]),
     )
     assert diff.tables_changed == [
         ItemChange(id="t3", changes=[FieldChange(field="zoneId", before="main", after="patio")])
@@ -130,7 +130,7 @@ def test_a_table_moving_zone_is_a_field_change() -> None:
 
 def test_edges_added_and_removed_with_their_hashes() -> None:
     old = floor()
-    new = old.model_copy(update={"adjacency": [("t2", "t1"), ("t1", "t3")]})
+    new = revised(old, adjacency=[("t2", "t1"), ("t1", "t3")])
     diff = diff_policies(old, new)
     assert diff.edges_added == [("t1", "t3")]
     assert diff.edges_removed == [("t2", "t3")]
@@ -141,15 +141,16 @@ def test_edges_added_and_removed_with_their_hashes() -> None:
 
 def test_each_service_setting_is_reported() -> None:
     old = floor()
-    new = old.model_copy(
-        update={
+    new = revised(
+        old,
+        **{
             "timezone": "Europe/Paris",
             "buffer_minutes": 10,
             "turn_times": [TurnTime(max_party=2, minutes=75), TurnTime(max_party=20, minutes=120)],
             "service_periods": [
                 ServicePeriod(name="dinner", weekdays=[4, 5], start=time(18), end=time(23))
             ],
-        }
+        },
     )
     diff = diff_policies(old, new)
     by_field = {change.field: change for change in diff.service_changes}
@@ -171,7 +172,7 @@ def test_a_single_service_setting_change_is_the_only_one() -> None:
 
 def test_policy_diff_serialises_to_camel_case_json() -> None:
     old = floor()
-    new = old.model_copy(update={"adjacency": [("t1", "t2")], "buffer_minutes": 0})
+    new = revised(old, **{"adjacency": [("t1", "t2")], "buffer_minutes": 0})
     data = diff_policies(old, new).as_dict()
     json.dumps(data)
     assert data["edgesRemoved"] == [["t2", "t3"]]
@@ -182,15 +183,16 @@ def test_policy_diff_serialises_to_camel_case_json() -> None:
 
 def test_policy_summary_is_one_readable_paragraph() -> None:
     old = floor()
-    new = replace_table(old, "t1", capacity=6).model_copy(
-        update={
+    new = revised(
+        replace_table(old, "t1", capacity=6),
+        **{
             "adjacency": [("t1", "t2")],
             "zones": [*old.zones, Zone(id="bar", name="Bar")],
             "tables": [*replace_table(old, "t1", capacity=6).tables, table("b1", "bar")],
             "service_periods": [
                 ServicePeriod(name="lunch", weekdays=[0, 1], start=time(12), end=time(14, 30))
             ],
-        }
+        },
     )
     text = summarize(diff_policies(old, new))
     assert "\n" not in text
@@ -212,7 +214,7 @@ def test_policy_summary_is_one_readable_paragraph() -> None:
 
 def test_plural_clauses_name_every_item() -> None:
     old = floor()
-    new = with_tables(old, table("t1"), table("t2")).model_copy(update={"adjacency": []})
+    new = revised(with_tables(old, table("t1"), table("t2")), **{"adjacency": []})
     assert change_lines(diff_policies(old, new)) == [
         "tables p1, t3 removed",
         "edges t1+t2, t2+t3 removed",
@@ -258,8 +260,9 @@ def test_a_vanished_table_is_missing() -> None:
     metadata = held(policy)
     diff = diff_snapshot(
         metadata,
-        with_tables(policy, table("t1"), table("t2"), table("p1", "patio")).model_copy(
-            update={"adjacency": [("t1", "t2")]}
+        revised(
+            with_tables(policy, table("t1"), table("t2"), table("p1", "patio")),
+            **{"adjacency": [("t1", "t2")]},
         ),
     )
     assert diff.tables_missing == ["t3"]
@@ -274,9 +277,7 @@ def test_a_table_that_changed_zone_is_moved() -> None:
     assert metadata.table_ids == ["t1"]
     diff = diff_snapshot(
         metadata,
-        replace_table(policy, "t1", zone_id="patio").model_copy(
-            update={"adjacency": [("t2", "t3")]}
-        ),
+        revised(replace_table(policy, "t1", zone_id="patio"), **{"adjacency": [("t2", "t3")]}),
     )
     assert diff.tables_moved == [
         MovedTable(table_id="t1", snapshot_zone_ids=["main"], zone_id="patio")
@@ -298,7 +299,7 @@ def test_an_out_of_service_table_is_reported() -> None:
 def test_a_removed_edge_that_disconnects_the_selection() -> None:
     policy = floor()
     metadata = held(policy)
-    diff = diff_snapshot(metadata, policy.model_copy(update={"adjacency": [("t1", "t2")]}))
+    diff = diff_snapshot(metadata, revised(policy, **{"adjacency": [("t1", "t2")]}))
     assert diff.edges_removed == [("t2", "t3")]
     assert diff.edges_added == []
     assert diff.current_adjacency_hash == adjacency_hash([("t1", "t2")])
@@ -309,7 +310,7 @@ def test_a_removed_edge_that_disconnects_the_selection() -> None:
 def test_rewired_edges_that_keep_the_selection_connected() -> None:
     policy = floor()
     metadata = held(policy)
-    rewired = policy.model_copy(update={"adjacency": [("t1", "t2"), ("t1", "t3")]})
+    rewired = revised(policy, **{"adjacency": [("t1", "t2"), ("t1", "t3")]})
     diff = diff_snapshot(metadata, rewired)
     assert diff.edges_removed == [("t2", "t3")]
     assert diff.edges_added == [("t1", "t3")]

@@ -28,7 +28,7 @@ from service.capacity.policy import (
     policy_version,
 )
 from service.capacity.quoting import Quote, quote
-from tests.capacity import NO_DEADLINE, make_policy, policies, table
+from tests.capacity import NO_DEADLINE, make_policy, policies, revised, table
 
 NOW = datetime(2024, 7, 5, 9, 0, tzinfo=UTC)
 START = datetime(2024, 7, 5, 19, 0, tzinfo=UTC)
@@ -85,7 +85,7 @@ def test_built_metadata_snapshots_only_the_selected_tables_edges() -> None:
 def test_building_from_a_quote_of_another_policy_is_refused() -> None:
     policy = floor()
     stale = quote(policy, 2, START, [], NOW)
-    changed = policy.model_copy(update={"buffer_minutes": 0})
+    changed = revised(policy, buffer_minutes=0)
     with pytest.raises(ValueError, match="different policy version"):
         build_hold_metadata(changed, stale)
 
@@ -139,7 +139,7 @@ def test_a_malformed_policy_version_is() -> None:
 def test_snapshot_edges_the_policy_no_longer_has_are_drift_not_defects() -> None:
     policy = floor()
     metadata = held(policy)
-    rewired = policy.model_copy(update={"adjacency": [("t2", "t3")]})
+    rewired = revised(policy, adjacency=[("t2", "t3")])
     assert validate_hold_metadata(metadata, rewired) == []
 
 

@@ -20,7 +20,7 @@ from service.capacity.policy import (
     service_window,
 )
 from service.capacity.quoting import Occupancy, Quote, fits, quote
-from tests.capacity import NO_DEADLINE, make_policy, policies, table
+from tests.capacity import NO_DEADLINE, make_policy, policies, revised, table
 
 NOW = datetime(2024, 7, 5, 9, 0, tzinfo=UTC)
 START = datetime(2024, 7, 5, 19, 0, tzinfo=UTC)
@@ -332,7 +332,7 @@ def test_quote_ignores_the_order_of_its_inputs(
     for items in (tables, edges, shuffled_occupied):
         rng.shuffle(items)
     edges = [(b, a) if rng.random() < 0.5 else (a, b) for a, b in edges]
-    shuffled = policy.model_copy(update={"tables": tables, "adjacency": edges})
+    shuffled = revised(policy, tables=tables, adjacency=edges)
     assert try_quote(shuffled, party_size, shuffled_occupied) == try_quote(
         policy, party_size, occupied
     )
