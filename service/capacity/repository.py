@@ -85,30 +85,30 @@ class HoldRecord:
 
 
 _POLICY_CACHE_SIZE = 256
-_PolicyKey = tuple[int, uuid.UUID, str]
+_PolicyKey = tuple[uuid.UUID, str]
 _policies: OrderedDict[_PolicyKey, CapacityPolicy] = OrderedDict()
 _policies_lock = threading.Lock()
 
 
 def _policy_of(conn: Connection, row: Mapping[str, Any]) -> CapacityPolicy:
-    """The parsed policy of a revision row (without its ``policy`` column).
+    """The parsed policy of a revision row (read without its large ``policy`` column).
 
-    Revisions are never updated (a change is a new row), so each process parses a policy
-    once. The key includes the venue and the version, so that a revision id reused after a
-    database restore can never answer with another policy.
+    Each process keeps recent policies by venue and version: the version hashes everything
+    allocation depends on, so two revisions with one version hold the same policy, and a
+    revision id reused after a database restore cannot answer with another policy.
     """
-    key: _PolicyKey = (row["id"], row["venue_id"], row["version"])
+    key: _PolicyKey = (row["venue_id"], row["version"])
     with _policies_lock:
         cached = _policies.get(key)
         if cached is not None:
             _policies.move_to_end(key)
             return cached
     found = conn.execute(
-        "SELECT policy FROM capacity_policy_revisions WHERE id = %s", (row["id"],)
+        "SELECT policy::text AS policy FROM capacity_policy_revisions WHERE id = %s", (row["id"],)
     ).fetchone()
     if found is None:
         raise LookupError(f"policy revision {row['id']} not found")
-    policy = CapacityPolicy.model_validate(found["policy"])
+    policy = CapacityPolicy.model_validate_json(found["policy"])
     with _policies_lock:
         _policies[key] = policy
         while len(_policies) > _POLICY_CACHE_SIZE:
