@@ -79,10 +79,15 @@ def calendar_file(booking: BookingView, sender: str) -> bytes:
     return bytes(cal.to_ical())
 
 
+MAX_LINE = 998  # RFC 5322: longer lines must be encoded
+
+
 def _text_part(body: str, subtype: str) -> MIMENonMultipart:
-    """A text part: 7bit when ASCII, quoted-printable UTF-8 otherwise (readable in raw form)."""
+    """A text part: 7bit when ASCII in short lines, quoted-printable UTF-8 otherwise (readable
+    in raw form, and a guest's note typed as one long line stays within SMTP's limit)."""
     part = MIMENonMultipart("text", subtype)
-    part.set_payload(body, "us-ascii" if body.isascii() else _UTF8_QP)
+    short = all(len(line) <= MAX_LINE for line in body.splitlines())
+    part.set_payload(body, "us-ascii" if body.isascii() and short else _UTF8_QP)
     return part
 
 

@@ -138,3 +138,12 @@ def test_an_internationalised_domain_is_sent_as_punycode() -> None:
 def test_a_non_ascii_local_part_is_refused_clearly() -> None:
     with pytest.raises(UnrenderableBooking, match="NonASCIILocalPart"):
         render(booking(guest_email="zoë@guests.example"), EmailType.CONFIRMED, SENDER, NOW)
+
+
+def test_a_note_typed_as_one_long_line_stays_within_the_smtp_line_limit() -> None:
+    note = "We are celebrating " + "a very long anniversary " * 200
+    guest = booking(status="pending", notes=note.strip())
+    raw = render(guest, EmailType.REQUEST_RECEIVED, SENDER, NOW).as_bytes()
+    assert max(len(line) for line in raw.splitlines()) <= 998
+    html, text = html_and_text(parsed(guest, EmailType.REQUEST_RECEIVED))
+    assert note.strip() in text and note.strip() in html
