@@ -180,7 +180,7 @@ def capacity_drift(sink: SmtpSink) -> None:
         t.model_copy(update={"status": "out_of_service"}) if t.id == "t1" else t
         for t in policy.tables
     ]
-    policy = save(policy.model_copy(update={"tables": tables}))
+    policy = save(policy.model_copy(update={"tables": tuple(tables)}))
     say("the venue takes t1 out of service before the couple's confirmation (policy drift)")
     result = confirm_with_policy_retry(couple, hold_couple.id)
     confirmed = result.confirmation.table_ids if result.confirmation else ()
@@ -192,7 +192,7 @@ def capacity_drift(sink: SmtpSink) -> None:
     say(
         "the couple's 'confirmed' email (with its .ics) went out through the queue after the commit"
     )
-    save(policy.model_copy(update={"adjacency": []}))
+    save(policy.model_copy(update={"adjacency": ()}))
     say("the venue separates t2 and t3 before the party of 8 confirms: no table set fits any more")
     escalated = confirm_with_policy_retry(party, hold_party.id)
     code = escalated.error.code if escalated.error else "-"
