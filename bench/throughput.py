@@ -421,6 +421,7 @@ def pyinstrument_profile(s: Setup, count: int) -> str:
         pipeline.deliver(p, Attempt(1, False))
     profiler.stop()
     text = str(profiler.output_text(unicode=False, color=False, show_all=False))
+    text = text.replace(f"{ROOT}/", "")  # paths relative to the repository
     (RESULTS / f"{NAME}_profile.txt").write_text(text)
     return text
 
