@@ -163,6 +163,14 @@ def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return spec.get("initContainers", []) + spec["containers"]
 
 
+def service_container(doc: dict[str, Any]) -> dict[str, Any]:
+    """The container running the service (named after the component), not an operator's extra."""
+    component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
+    found = [c for c in pod_spec(doc)["containers"] if c["name"] == component]
+    assert len(found) == 1, f"{doc['metadata']['name']} has no container named {component}"
+    return found[0]
+
+
 def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] in WORKLOAD_KINDS]
 
@@ -253,13 +261,8 @@ def test_pod_monitor_selects_only_metrics_pods(render: Render) -> None:
         assert not selector.items() <= spec["template"]["metadata"]["labels"].items()
 
 
-@pytest.mark.parametrize("values", [None, ALL_FEATURES], ids=["default", "all-features"])
-def test_kubernetes_validate_strict_on_core_kinds(
-    helm: str, values: Path | None, tmp_path: Path
-) -> None:
-    result = helm_template_text(helm, values=[values] if values else None)
-    assert result.returncode == 0, result.stderr
-    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+def assert_kubernetes_valid(docs: list[dict[str, Any]], tmp_path: Path) -> None:
+    """kubernetes-validate --strict on every core (non-CRD) document."""
     core = [d for d in docs if d["kind"] not in CRD_KINDS]
     assert len(core) >= 8
     manifest = tmp_path / "core.yaml"
@@ -276,6 +279,13 @@ def test_kubernetes_validate_strict_on_core_kinds(
     output = check.stdout + check.stderr
     assert check.returncode == 0, output
     assert output.count("passed for resource") == len(core), output
+
+
+@pytest.mark.parametrize("values", [None, ALL_FEATURES], ids=["default", "all-features"])
+def test_kubernetes_validate_strict_on_core_kinds(
+    render: Render, values: Path | None, tmp_path: Path
+) -> None:
+    assert_kubernetes_valid(render(values=[values] if values else None), tmp_path)
 
 
 def test_crd_resources_are_structurally_sound(all_docs: list[dict[str, Any]]) -> None:
@@ -377,7 +387,7 @@ def test_no_secret_value_in_any_render(render: Render) -> None:
     assert not by_kind(docs, "Secret"), "the chart must not create Secrets"
     assert "db-secret-canary-name" in text  # the reference is there ...
     for doc in workloads(docs):
-        for container in containers(doc):
+        for container in [service_container(doc)]:
             env = {e["name"]: e for e in container.get("env", [])}
             for name in SECRET_ENV & env.keys():
                 assert set(env[name]) == {"name", "valueFrom"}, f"{name} has an inline value"
@@ -430,6 +440,251 @@ def test_every_container_is_hardened_and_sized(docs: list[dict[str, Any]]) -> No
             assert "memory" in resources["limits"], name
 
 
+DEFAULT_POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "fsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+DEFAULT_CONTAINER_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "privileged": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+SMALL_RESOURCES = {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}}
+# values path of each component -> the component label of its workload
+COMPONENTS = {
+    "workers.email": "email-worker",
+    "workers.capacity": "capacity-worker",
+    "outboxRelay": "outbox-relay",
+    "migrations": "migrations",
+    "holdsBackfill": "holds-backfill",
+    "reconciler": "reconciler",
+}
+
+
+def component(doc: dict[str, Any]) -> str:
+    return str(doc["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
+def every_workload(render: Render, **kwargs: Any) -> list[dict[str, Any]]:
+    """Render with every workload on (the backfill is opt-in) and return the workloads."""
+    sets = {"holdsBackfill.enabled": True, **kwargs.pop("sets", {})}
+    found = workloads(render(sets=sets, **kwargs))
+    assert {component(d) for d in found} == set(COMPONENTS.values())
+    return found
+
+
+def test_default_security_contexts_are_the_hardened_ones(render: Render) -> None:
+    for doc in every_workload(render):
+        assert pod_spec(doc)["securityContext"] == DEFAULT_POD_SECURITY_CONTEXT, component(doc)
+        # uid and gid come from the pod level; the container must not override them.
+        assert service_container(doc)["securityContext"] == DEFAULT_CONTAINER_SECURITY_CONTEXT
+    assert chart_values()["podSecurityContext"] == DEFAULT_POD_SECURITY_CONTEXT
+    assert chart_values()["containerSecurityContext"] == DEFAULT_CONTAINER_SECURITY_CONTEXT
+
+
+def test_global_security_context_overrides_reach_every_pod(render: Render) -> None:
+    found = every_workload(
+        render,
+        sets={
+            "podSecurityContext.fsGroupChangePolicy": "OnRootMismatch",
+            "podSecurityContext.supplementalGroups": [2000],
+            "containerSecurityContext.seLinuxOptions": {"level": "s0:c123,c456"},
+            "extraInitContainers": [
+                {"name": "init", "image": "busybox", "resources": SMALL_RESOURCES}
+            ],
+        },
+    )
+    for doc in found:
+        pod = pod_spec(doc)["securityContext"]
+        assert pod == {
+            **DEFAULT_POD_SECURITY_CONTEXT,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "supplementalGroups": [2000],
+        }, component(doc)
+        expected = {
+            **DEFAULT_CONTAINER_SECURITY_CONTEXT,
+            "seLinuxOptions": {"level": "s0:c123,c456"},
+        }
+        assert service_container(doc)["securityContext"] == expected, component(doc)
+        assert pod_spec(doc)["initContainers"][0]["securityContext"] == expected
+
+
+def test_a_security_context_field_can_be_removed(render: Render) -> None:
+    """OpenShift's restricted SCC assigns the uid: null removes runAsUser and runAsGroup everywhere."""
+    found = every_workload(
+        render,
+        sets={"podSecurityContext.runAsUser": None, "podSecurityContext.runAsGroup": None},
+    )
+    for doc in found:
+        pod = pod_spec(doc)["securityContext"]
+        assert "runAsUser" not in pod and "runAsGroup" not in pod, component(doc)
+        assert pod["runAsNonRoot"] is True
+        assert "runAsUser" not in service_container(doc)["securityContext"]
+
+
+@pytest.mark.parametrize("path", list(COMPONENTS))
+def test_component_security_context_overrides_only_that_component(
+    render: Render, path: str
+) -> None:
+    found = every_workload(
+        render,
+        sets={
+            f"{path}.podSecurityContext": {"fsGroupChangePolicy": "OnRootMismatch"},
+            # false must win over the global true (sprig's merge gets this wrong: helm/helm#5238)
+            f"{path}.containerSecurityContext": {"readOnlyRootFilesystem": False},
+        },
+    )
+    for doc in found:
+        pod = pod_spec(doc)["securityContext"]
+        container = service_container(doc)["securityContext"]
+        if component(doc) == COMPONENTS[path]:
+            assert pod == {**DEFAULT_POD_SECURITY_CONTEXT, "fsGroupChangePolicy": "OnRootMismatch"}
+            assert container == {
+                **DEFAULT_CONTAINER_SECURITY_CONTEXT,
+                "readOnlyRootFilesystem": False,
+            }
+        else:
+            assert pod == DEFAULT_POD_SECURITY_CONTEXT, component(doc)
+            assert container == DEFAULT_CONTAINER_SECURITY_CONTEXT, component(doc)
+
+
+@pytest.mark.parametrize(
+    ("sets", "complaint"),
+    [
+        (
+            {"containerSecurityContext.readOnlyRootFileSystem": True},
+            "containerSecurityContext: Additional property readOnlyRootFileSystem is not allowed",
+        ),
+        (
+            {"workers.email.containerSecurityContext": {"runAsUser": 0}},
+            "workers.email.containerSecurityContext.runAsUser: Must be greater than or equal to 1",
+        ),
+        (
+            {"reconciler.podSecurityContext": {"fsGroupChangePolicy": "Sometimes"}},
+            "reconciler.podSecurityContext.fsGroupChangePolicy",
+        ),
+        (
+            {"podSecurityContext.seccompProfile.type": "runtime/default"},
+            "podSecurityContext.seccompProfile.type",
+        ),
+    ],
+    ids=["misspelt-field", "root-container", "bad-enum", "bad-seccomp"],
+)
+def test_schema_checks_security_contexts(helm: str, sets: dict[str, Any], complaint: str) -> None:
+    result = helm_template_text(helm, sets=sets)
+    assert result.returncode != 0, "a bad security context was accepted"
+    assert complaint in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------- extra volumes and containers
+
+
+def test_all_features_extras_appear_in_every_pod(render: Render) -> None:
+    values = yaml.safe_load(ALL_FEATURES.read_text())
+    extra_volumes = {v["name"] for v in values["extraVolumes"]}
+    extra_mounts = [m["mountPath"] for m in values["extraVolumeMounts"]]
+    init_names = [c["name"] for c in values["extraInitContainers"]]
+    sidecar_names = [c["name"] for c in values["extraContainers"]]
+    assert extra_volumes and extra_mounts and init_names and sidecar_names
+    found = workloads(render(values=[ALL_FEATURES]))
+    assert len(found) == 6
+    for doc in found:
+        name = doc["metadata"]["name"]
+        spec = pod_spec(doc)
+        volumes = {v["name"] for v in spec["volumes"]}
+        assert extra_volumes <= volumes, name
+        mounts = [m["mountPath"] for m in service_container(doc)["volumeMounts"]]
+        assert set(extra_mounts) <= set(mounts), name
+        assert [c["name"] for c in spec["initContainers"]] == init_names, name
+        others = [c["name"] for c in spec["containers"] if c["name"] != component(doc)]
+        # Sidecars run beside the long-running services only: one would keep a Job from completing.
+        assert others == (sidecar_names if doc["kind"] == "Deployment" else []), name
+        for container in containers(doc):
+            assert container["securityContext"] == DEFAULT_CONTAINER_SECURITY_CONTEXT, name
+            for mount in container.get("volumeMounts", []):
+                assert mount["name"] in volumes, f"{name}: {mount['name']} is not a volume"
+    sidecar = next(c for c in pod_spec(found[0])["containers"] if c["name"] == sidecar_names[0])
+    assert "rel" in sidecar["args"], "extraContainers are rendered with tpl"
+
+
+def test_extras_with_their_own_security_context_and_native_sidecar_validate(
+    render: Render, tmp_path: Path
+) -> None:
+    own = {"runAsNonRoot": True, "runAsUser": 20002, "readOnlyRootFilesystem": True}
+    docs = render(
+        sets={
+            "holdsBackfill.enabled": True,
+            "extraVolumes": [
+                {"name": "proxy-config", "configMap": {"name": "{{ .Release.Name }}-proxy"}}
+            ],
+            "extraVolumeMounts": [{"name": "proxy-config", "mountPath": "/etc/proxy"}],
+            "extraInitContainers": [
+                {
+                    "name": "db-proxy",
+                    "image": "registry.example.com/db-proxy:1.0",
+                    "restartPolicy": "Always",
+                    "securityContext": own,
+                    "resources": SMALL_RESOURCES,
+                }
+            ],
+            "extraContainers": [
+                {
+                    "name": "log-shipper",
+                    "image": "registry.example.com/shipper:1.0",
+                    "resources": SMALL_RESOURCES,
+                }
+            ],
+        }
+    )
+    for doc in workloads(docs):
+        spec = pod_spec(doc)
+        assert spec["initContainers"][0]["securityContext"] == own, doc["metadata"]["name"]
+        assert spec["initContainers"][0]["restartPolicy"] == "Always"
+        volume = next(v for v in spec["volumes"] if v["name"] == "proxy-config")
+        assert volume["configMap"]["name"] == "rel-proxy"
+    assert_kubernetes_valid(docs, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("sets", "complaint"),
+    [
+        (
+            {"extraVolumes": [{"name": "tmp", "emptyDir": {}}]},
+            "extraVolumes[0]: the chart already has a volume named tmp",
+        ),
+        (
+            {"extraVolumeMounts": [{"name": "x", "mountPath": "/var/lib/booking/prometheus/"}]},
+            "extraVolumeMounts[0]: the chart already mounts a writable emptyDir at /var/lib/booking/prometheus/",
+        ),
+        (
+            {"extraContainers": [{"name": "sidecar", "image": "x"}]},
+            "extraContainers.0: resources is required",
+        ),
+        (
+            {"extraInitContainers": [{"name": "Init", "image": "x", "resources": SMALL_RESOURCES}]},
+            "extraInitContainers.0.name: Does not match pattern",
+        ),
+        (
+            {"extraVolumeMounts": [{"name": "x", "mountPath": "relative"}]},
+            "extraVolumeMounts.0.mountPath: Does not match pattern",
+        ),
+    ],
+    ids=["volume-name", "mount-path", "unsized-sidecar", "bad-init-name", "relative-mount"],
+)
+def test_extras_refuse_clashes_and_unsized_containers(
+    helm: str, sets: dict[str, Any], complaint: str
+) -> None:
+    result = helm_template_text(helm, sets=sets)
+    assert result.returncode != 0, f"accepted: {sets}"
+    assert complaint in result.stderr, result.stderr
+
+
 def test_service_account_token_not_mounted(docs: list[dict[str, Any]]) -> None:
     for account in by_kind(docs, "ServiceAccount"):
         assert account["automountServiceAccountToken"] is False
@@ -440,7 +695,7 @@ def test_writable_paths_are_emptydirs(docs: list[dict[str, Any]]) -> None:
     required = {"/tmp", values["prometheusMultiprocDir"], values["flagCacheDir"]}
     for doc in workloads(docs):
         volumes = {v["name"]: v for v in pod_spec(doc)["volumes"]}
-        for container in containers(doc):
+        for container in [service_container(doc)]:
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
             assert required <= mounts.keys(), doc["metadata"]["name"]
             for path in required:
@@ -456,7 +711,7 @@ def test_long_running_containers_have_meaningful_probes(docs: list[dict[str, Any
     deployments = by_kind(docs, "Deployment")
     assert len(deployments) == 3
     for deployment in deployments:
-        for container in containers(deployment):
+        for container in [service_container(deployment)]:
             name = deployment["metadata"]["name"]
             for probe, flag in [
                 ("livenessProbe", "--liveness"),
@@ -479,7 +734,7 @@ def test_one_shot_jobs_have_no_probes(docs: list[dict[str, Any]]) -> None:
 def test_workers_run_dramatiq_with_explicit_processes_and_threads(default_docs: Any) -> None:
     workers = chart_values()["workers"]
     for role, worker in workers.items():
-        container = containers(one(default_docs, "Deployment", f"-{role}-worker"))[0]
+        container = service_container(one(default_docs, "Deployment", f"-{role}-worker"))
         args = container["args"]
         assert args[0] == "worker"
         assert args[args.index("--processes") + 1] == str(worker["processes"])
@@ -494,7 +749,7 @@ def test_migrations_run_as_a_pre_install_hook_without_the_configmap(default_docs
     job = one(default_docs, "Job", "-migrations")
     annotations = job["metadata"]["annotations"]
     assert set(annotations["helm.sh/hook"].split(",")) == {"pre-install", "pre-upgrade"}
-    container = containers(job)[0]
+    container = service_container(job)
     assert container["args"] == ["migrate"]
     # The hook runs before the release's ConfigMap exists, so it must carry its config inline.
     assert "envFrom" not in container
@@ -505,7 +760,7 @@ def test_migrations_run_as_a_pre_install_hook_without_the_configmap(default_docs
 def test_reconciler_cronjob_never_overlaps(default_docs: Any) -> None:
     cron = one(default_docs, "CronJob", "-reconciler")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
-    assert containers(cron)[0]["args"] == ["reconcile"]
+    assert service_container(cron)["args"] == ["reconcile"]
 
 
 # --------------------------------------------------------------------------- schema
@@ -671,7 +926,7 @@ def test_chart_defaults_match_the_dockerfile(default_docs: list[dict[str, Any]])
     )
 
     deployment = one(default_docs, "Deployment", "-email-worker")
-    assert containers(deployment)[0]["command"] == json.loads(last("ENTRYPOINT"))
+    assert service_container(deployment)["command"] == json.loads(last("ENTRYPOINT"))
 
 
 # --------------------------------------------------------------------------- NOTES and README

@@ -121,26 +121,47 @@ METRICS_PORT: {{ $c.metricsPort | int64 | toString | quote }}
 {{ include "booking-service.secretEnv" (dict "root" . "env" "WEBHOOK_SIGNING_SECRET" "ref" .Values.secrets.webhookSigningSecret) }}
 {{- end }}
 
-{{- define "booking-service.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: {{ .Values.podSecurityContext.runAsUser }}
-runAsGroup: {{ .Values.podSecurityContext.runAsGroup }}
-fsGroup: {{ .Values.podSecurityContext.fsGroup }}
-seccompProfile:
-  type: RuntimeDefault
+{{/*
+Merge of two maps as JSON: keys of .override win, nested maps are merged key by key. Unlike
+sprig's merge and mergeOverwrite, whose handling of false and empty values depends on the Helm
+release (helm/helm#5238, #9591), an override of false, 0 or [] always takes effect.
+*/}}
+{{- define "booking-service.deepMerge" -}}
+{{- $out := deepCopy (default dict .base) }}
+{{- range $key, $value := (default dict .override) }}
+{{- if and (kindIs "map" $value) (kindIs "map" (get $out $key)) }}
+{{- $_ := set $out $key (include "booking-service.deepMerge" (dict "base" (get $out $key) "override" $value) | fromJson) }}
+{{- else }}
+{{- $_ := set $out $key $value }}
+{{- end }}
+{{- end }}
+{{- toJson $out }}
 {{- end }}
 
+{{/* The pod securityContext of a component (its `spec` values): podSecurityContext with the component's overrides. */}}
+{{- define "booking-service.podSecurityContext" -}}
+{{- include "booking-service.deepMerge" (dict "base" .root.Values.podSecurityContext "override" .spec.podSecurityContext) | fromJson | toYaml }}
+{{- end }}
+
+{{/* The container securityContext of a component: containerSecurityContext with the component's overrides. */}}
 {{- define "booking-service.containerSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: {{ .Values.podSecurityContext.runAsUser }}
-runAsGroup: {{ .Values.podSecurityContext.runAsGroup }}
-allowPrivilegeEscalation: false
-privileged: false
-readOnlyRootFilesystem: true
-capabilities:
-  drop: ["ALL"]
-seccompProfile:
-  type: RuntimeDefault
+{{- include "booking-service.deepMerge" (dict "base" .root.Values.containerSecurityContext "override" .spec.containerSecurityContext) | fromJson | toYaml }}
+{{- end }}
+
+{{/*
+Operator-supplied containers (extraContainers, extraInitContainers), rendered with tpl; an entry
+without a securityContext gets the component's container securityContext.
+Usage: include "booking-service.extraContainers" (dict "root" $ "containers" .Values.extraContainers "securityContext" $sc)
+*/}}
+{{- define "booking-service.extraContainers" -}}
+{{- $out := list }}
+{{- range (tpl (toYaml .containers) .root | fromYamlArray) }}
+{{- if not (hasKey . "securityContext") }}
+{{- $_ := set . "securityContext" $.securityContext }}
+{{- end }}
+{{- $out = append $out . }}
+{{- end }}
+{{- toYaml $out }}
 {{- end }}
 
 {{/* The writable scratch space of a read-only root filesystem. */}}
@@ -188,8 +209,9 @@ A pod spec. Arguments (dict):
   root       the top-level context
   component  component label value
   args       the service CLI arguments (after the entrypoint)
-  spec       the role's values (resources, scheduling, terminationGracePeriodSeconds)
-  longRunning  true: probes and the metrics port
+  spec       the role's values (resources, scheduling, terminationGracePeriodSeconds,
+             podSecurityContext and containerSecurityContext overrides)
+  longRunning  true: probes, the metrics port and extraContainers (sidecars)
   inlineEnv  true: plain config as inline env instead of the ConfigMap (pre-install hooks)
   serviceAccountName  overrides the chart's ServiceAccount
   restartPolicy  for Jobs
@@ -197,6 +219,7 @@ A pod spec. Arguments (dict):
 {{- define "booking-service.podSpec" -}}
 {{- $root := .root }}
 {{- $spec := .spec }}
+{{- $containerSecurityContext := include "booking-service.containerSecurityContext" . | fromYaml }}
 {{- $probes := $root.Values.probes }}
 {{- with $spec.probes }}
 {{- $probes = mergeOverwrite (deepCopy $root.Values.probes) . }}
@@ -211,7 +234,7 @@ imagePullSecrets:
   {{- end }}
 {{- end }}
 securityContext:
-  {{- include "booking-service.podSecurityContext" $root | nindent 2 }}
+  {{- include "booking-service.podSecurityContext" . | nindent 2 }}
 {{- with $spec.terminationGracePeriodSeconds }}
 terminationGracePeriodSeconds: {{ . }}
 {{- end }}
@@ -236,6 +259,10 @@ affinity:
 {{- with $spec.topologySpreadConstraints }}
 topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $root.Values.extraInitContainers }}
+initContainers:
+  {{- include "booking-service.extraContainers" (dict "root" $root "containers" . "securityContext" $containerSecurityContext) | nindent 2 }}
 {{- end }}
 containers:
   - name: {{ .component }}
@@ -280,11 +307,20 @@ containers:
     resources:
       {{- toYaml $spec.resources | nindent 6 }}
     securityContext:
-      {{- include "booking-service.containerSecurityContext" $root | nindent 6 }}
+      {{- toYaml $containerSecurityContext | nindent 6 }}
     volumeMounts:
       {{- include "booking-service.volumeMounts" $root | nindent 6 }}
+      {{- with $root.Values.extraVolumeMounts }}
+      {{- tpl (toYaml .) $root | nindent 6 }}
+      {{- end }}
+  {{- if and .longRunning $root.Values.extraContainers }}
+  {{- include "booking-service.extraContainers" (dict "root" $root "containers" $root.Values.extraContainers "securityContext" $containerSecurityContext) | nindent 2 }}
+  {{- end }}
 volumes:
   {{- include "booking-service.volumes" $root | nindent 2 }}
+  {{- with $root.Values.extraVolumes }}
+  {{- tpl (toYaml .) $root | nindent 2 }}
+  {{- end }}
 {{- end }}
 
 {{/* Pod annotations: a config checksum (so a config change rolls the pods) and optional scrape hints. */}}
