@@ -383,19 +383,24 @@ def test_no_secret_value_in_any_render(render: Render) -> None:
         "secrets.database.key": "db-key-canary",
     }
     docs = render(values=[ALL_FEATURES], set_strings=canaries)
+    extra_secrets = {e["name"] for e in yaml.safe_load(ALL_FEATURES.read_text())["extraSecretEnv"]}
+    assert extra_secrets
     text = yaml.safe_dump_all(docs)
     assert not by_kind(docs, "Secret"), "the chart must not create Secrets"
     assert "db-secret-canary-name" in text  # the reference is there ...
     for doc in workloads(docs):
         for container in [service_container(doc)]:
             env = {e["name"]: e for e in container.get("env", [])}
-            for name in SECRET_ENV & env.keys():
+            for name in (SECRET_ENV | extra_secrets) & env.keys():
                 assert set(env[name]) == {"name", "valueFrom"}, f"{name} has an inline value"
                 assert "secretKeyRef" in env[name]["valueFrom"], f"{name} is not from a Secret"
             for required in ("DATABASE_URL", "BROKER_URL", "SMTP_URL", "UNLEASH_API_TOKEN"):
                 assert required in env, f"{required} missing in {doc['metadata']['name']}"
+            assert extra_secrets <= env.keys(), doc["metadata"]["name"]
     for config_map in by_kind(docs, "ConfigMap"):
-        assert not SECRET_ENV & set(config_map["data"]), "a secret name landed in a ConfigMap"
+        assert not (SECRET_ENV | extra_secrets) & set(config_map["data"]), (
+            "a secret name landed in a ConfigMap"
+        )
 
 
 @pytest.mark.parametrize(
@@ -411,7 +416,205 @@ def test_no_secret_value_in_any_render(render: Render) -> None:
 def test_schema_refuses_secret_values(helm: str, sets: dict[str, Any]) -> None:
     result = helm_template_text(helm, sets=sets)
     assert result.returncode != 0, "a secret value was accepted by the chart"
-    assert "hunter2-canary" not in result.stdout
+    assert "hunter2-canary" not in result.stdout + result.stderr
+
+
+def _refusal(helm: str, sets: dict[str, Any]) -> str:
+    """Render that must fail; returns stderr, after checking the canary value leaked nowhere."""
+    result = helm_template_text(helm, sets=sets)
+    assert result.returncode != 0, f"accepted: {sets}"
+    assert "hunter2-canary" not in result.stdout + result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "REDIS_PASSWORD",
+        "SMTP_PASSWD",
+        "GITHUB_TOKEN",
+        "OAUTH_CLIENT_SECRET",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "API_KEY",
+        "AWS_ACCESS_KEY_ID",
+        "STRIPE_APIKEY",
+        "DB_PWD",
+        "PROXY_AUTH",
+    ],
+)
+def test_secret_looking_config_extra_name_fails_with_a_clear_message(helm: str, name: str) -> None:
+    stderr = _refusal(helm, {"config.extra": {name: "hunter2-canary"}})
+    assert f"config.extra.{name} looks like a secret" in stderr, stderr
+    assert "rendered into a ConfigMap" in stderr
+    assert f"extraSecretEnv: [{{name: {name}, secretName:" in stderr, stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "redis://:hunter2-canary@cache:6379/0",
+        "http://proxy-user:hunter2-canary@proxy.internal:3128",
+        "https://hunter2-canary@o0.ingest.sentry.io/1",
+        "host=db user=app password=hunter2-canary",
+        "jdbc:postgresql://db/app?user=app&password=hunter2-canary",
+    ],
+    ids=["redis-url", "proxy-url", "token-userinfo", "libpq-dsn", "query-password"],
+)
+def test_config_extra_value_with_credentials_fails(helm: str, value: str) -> None:
+    stderr = _refusal(helm, {"config.extra": {"CACHE_ENDPOINT": value}})
+    assert "config.extra.CACHE_ENDPOINT carries credentials" in stderr, stderr
+    assert "extraSecretEnv" in stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "values_path"),
+    [
+        ("DATABASE_URL", "secrets.database"),
+        ("BROKER_URL", "secrets.broker"),
+        ("SMTP_URL", "secrets.smtp"),
+        ("UNLEASH_API_TOKEN", "secrets.unleashToken"),
+        ("WEBHOOK_SIGNING_SECRET", "secrets.webhookSigningSecret"),
+    ],
+)
+def test_chart_secret_in_config_extra_points_at_its_secret_ref(
+    helm: str, name: str, values_path: str
+) -> None:
+    stderr = _refusal(helm, {"config.extra": {name: "hunter2-canary"}})
+    assert f"config.extra.{name}" in stderr
+    assert f"set {values_path}.name and {values_path}.key instead" in stderr, stderr
+
+
+def test_plain_config_extra_still_reaches_the_configmap(render: Render) -> None:
+    plain = {
+        "KEYCLOAK_URL": "https://sso.example.com/realms/bookings",
+        "HTTPS_PROXY": "http://proxy.internal:3128",
+        "SMTP_CA_FILE": "/etc/ssl/corporate/ca-bundle.pem",
+        "DB_POOL_MAX_SIZE": "8",
+        "MONITORING_NAMESPACE": "monitoring",
+    }
+    docs = render(sets={"config.extra": plain})
+    data = one(docs, "ConfigMap", "-config")["data"]
+    assert plain.items() <= data.items()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"name": "REDIS_PASSWORD", "value": "hunter2-canary"},
+        {"name": "api_token", "value": "hunter2-canary"},
+        {"name": "HTTPS_PROXY", "value": "http://u:hunter2-canary@proxy:3128"},
+    ],
+    ids=["password-name", "lower-case-token", "proxy-credentials"],
+)
+def test_extra_env_refuses_inline_secrets(helm: str, env: dict[str, str]) -> None:
+    stderr = _refusal(helm, {"extraEnv": [env]})
+    assert f"extraEnv[0] ({env['name']})" in stderr, stderr
+    assert "valueFrom.secretKeyRef" in stderr and "extraSecretEnv" in stderr
+
+
+def test_extra_env_may_reference_a_secret_under_any_name(render: Render) -> None:
+    env = {
+        "name": "REDIS_PASSWORD",
+        "valueFrom": {"secretKeyRef": {"name": "booking-redis", "key": "redis-password"}},
+    }
+    docs = render(sets={"extraEnv": [env]})
+    for doc in workloads(docs):
+        assert env in service_container(doc)["env"], doc["metadata"]["name"]
+
+
+def test_extra_secret_env_renders_secret_key_refs_in_every_workload(render: Render) -> None:
+    docs = render(
+        sets={
+            "holdsBackfill.enabled": True,
+            "extraSecretEnv": [
+                {"name": "REDIS_PASSWORD", "secretName": "booking-redis", "key": "redis-password"},
+                {"name": "SENTRY_DSN", "key": "sentry-dsn", "optional": True},
+            ],
+        }
+    )
+    found = workloads(docs)
+    assert {d["metadata"]["labels"]["app.kubernetes.io/component"] for d in found} == {
+        "email-worker",
+        "capacity-worker",
+        "outbox-relay",
+        "migrations",
+        "holds-backfill",
+        "reconciler",
+    }
+    for doc in found:
+        env = {e["name"]: e for e in service_container(doc)["env"]}
+        name = doc["metadata"]["name"]
+        assert env["REDIS_PASSWORD"] == {
+            "name": "REDIS_PASSWORD",
+            "valueFrom": {"secretKeyRef": {"name": "booking-redis", "key": "redis-password"}},
+        }, name
+        # An empty secretName means secrets.existingSecret, like the chart's own references.
+        assert env["SENTRY_DSN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "booking-service",
+            "key": "sentry-dsn",
+            "optional": True,
+        }, name
+    for config_map in by_kind(docs, "ConfigMap"):
+        assert not {"REDIS_PASSWORD", "SENTRY_DSN"} & set(config_map["data"])
+
+
+@pytest.mark.parametrize(
+    ("sets", "complaint"),
+    [
+        (
+            {"extraSecretEnv": [{"name": "REDIS_PASSWORD", "key": "k", "value": "hunter2-canary"}]},
+            "extraSecretEnv.0: Additional property value is not allowed",
+        ),
+        (
+            {"extraSecretEnv": [{"name": "REDIS_PASSWORD", "secretName": "x"}]},
+            "extraSecretEnv.0: key is required",
+        ),
+        (
+            {"extraSecretEnv": [{"name": "REDIS-PASSWORD", "key": "k"}]},
+            "extraSecretEnv.0.name: Does not match pattern",
+        ),
+        (
+            {"extraSecretEnv": [{"name": "DATABASE_URL", "key": "k"}]},
+            "set secrets.database.name and secrets.database.key instead",
+        ),
+        (
+            {"extraSecretEnv": [{"name": "A_TOKEN", "key": "k"}, {"name": "A_TOKEN", "key": "j"}]},
+            "A_TOKEN is listed twice",
+        ),
+        (
+            {
+                "extraSecretEnv": [{"name": "A_TOKEN", "key": "k"}],
+                "extraEnv": [
+                    {"name": "A_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+                ],
+            },
+            "A_TOKEN is also set by extraSecretEnv",
+        ),
+        (
+            {
+                "extraSecretEnv": [{"name": "A_TOKEN", "key": "k"}],
+                "secrets.existingSecret": "",
+                **{f"secrets.{ref}.name": "s" for ref in ("database", "broker", "smtp")},
+                "secrets.webhookSigningSecret.name": "s",
+            },
+            "secretName (or secrets.existingSecret) must name an existing Secret",
+        ),
+    ],
+    ids=[
+        "inline-value",
+        "no-key",
+        "bad-name",
+        "chart-secret",
+        "twice",
+        "also-extra-env",
+        "no-secret",
+    ],
+)
+def test_extra_secret_env_refuses_bad_entries(
+    helm: str, sets: dict[str, Any], complaint: str
+) -> None:
+    stderr = _refusal(helm, sets)
+    assert complaint in stderr, stderr
 
 
 # --------------------------------------------------------------------------- pod hardening
@@ -963,6 +1166,10 @@ def test_notes_render_and_name_the_secrets_to_create(
     notes = yaml.safe_load(result.stdout)["notes"]
     for env in ("DATABASE_URL", "BROKER_URL", "SMTP_URL"):
         assert env in notes
+    if values:
+        for entry in yaml.safe_load(values.read_text())["extraSecretEnv"]:
+            secret = entry.get("secretName") or "booking-service"
+            assert f"{entry['name']} <- secret {secret}, key {entry['key']}" in notes
 
 
 def _leaf_paths(value: Any, prefix: str = "") -> Iterator[str]:

@@ -110,7 +110,7 @@ METRICS_PORT: {{ $c.metricsPort | int64 | toString | quote }}
       {{- end }}
 {{- end }}
 
-{{/* Every secret the service reads, by reference only. */}}
+{{/* Every secret the service reads, by reference only: the chart's own and extraSecretEnv. */}}
 {{- define "booking-service.secretEnvs" -}}
 {{ include "booking-service.secretEnv" (dict "root" . "env" "DATABASE_URL" "ref" .Values.secrets.database) }}
 {{ include "booking-service.secretEnv" (dict "root" . "env" "BROKER_URL" "ref" .Values.secrets.broker) }}
@@ -119,6 +119,9 @@ METRICS_PORT: {{ $c.metricsPort | int64 | toString | quote }}
 {{ include "booking-service.secretEnv" (dict "root" . "env" "UNLEASH_API_TOKEN" "ref" .Values.secrets.unleashToken) }}
 {{- end }}
 {{ include "booking-service.secretEnv" (dict "root" . "env" "WEBHOOK_SIGNING_SECRET" "ref" .Values.secrets.webhookSigningSecret) }}
+{{- range .Values.extraSecretEnv }}
+{{ include "booking-service.secretEnv" (dict "root" $ "env" .name "ref" (dict "name" .secretName "key" .key "optional" .optional)) }}
+{{- end }}
 {{- end }}
 
 {{/*
