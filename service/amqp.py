@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pika
+
 
 def connect(url: str, timeout: float, attempts: int = 1) -> Any:
     """A blocking RabbitMQ connection whose every wait is bounded by ``timeout`` seconds."""
-    import pika
-
     params = pika.URLParameters(url)
     params.connection_attempts = attempts
     params.socket_timeout = timeout

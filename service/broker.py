@@ -1,16 +1,18 @@
-"""The one place that builds the Dramatiq broker and its middleware from BROKER_URL.
+"""The Dramatiq broker and its middleware, built from settings by the composition root.
 
-Importing this module sets the global broker (actors bind to it when they are declared); it
-opens no connection until the first message is sent or consumed.
+Nothing here runs at import: ``build_broker`` makes a broker for the caller, who decides whether
+it becomes Dramatiq's global broker (a worker process) or stays private (a producer inside a
+host application that has a broker of its own).
 """
 
 from __future__ import annotations
 
 import threading
-import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dramatiq
+import pika.exceptions
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
@@ -26,9 +28,10 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
-from service.config import Settings, get_settings
-from service.logs import configure, get_logger
+from service.config import Settings
+from service.logs import get_logger
 from service.metrics import REENQUEUE_FAILURES
+from service.resilience import keep_trying
 
 log = get_logger(__name__)
 
@@ -36,14 +39,12 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
     dramatiq.errors.BrokerConnectionError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    pika.exceptions.AMQPError,
     OSError,
 )
-try:
-    import pika.exceptions
 
-    BROKER_ERRORS += (pika.exceptions.AMQPError,)
-except ImportError:  # pragma: no cover
-    pass
+OnRetry = Callable[[dramatiq.Message[Any], int], None]
+"""Actor option ``on_retry``: told the message and the delay Dramatiq chose for its retry."""
 
 
 class MaintainedRedisBroker(RedisBroker):
@@ -101,7 +102,8 @@ class RedisMaintenance(Middleware):
 
 
 class _PatientBroker:
-    """Wraps the broker for Retries so that re-enqueueing a retry survives a broker blip."""
+    """Wraps the broker for Retries: re-enqueueing a retry survives a broker blip, and the
+    actor's ``on_retry`` option hears the delay Dramatiq chose."""
 
     def __init__(self, broker: dramatiq.Broker, deadline_seconds: float) -> None:
         self._broker = broker
@@ -111,22 +113,31 @@ class _PatientBroker:
         return getattr(self._broker, name)
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> Any:
-        deadline = time.monotonic() + self._deadline
-        pause = 0.2
-        while True:
+        try:
+            enqueued = keep_trying(
+                lambda: self._broker.enqueue(message, delay=delay),
+                retry_on=BROKER_ERRORS,
+                deadline_seconds=self._deadline,
+            )
+        except BROKER_ERRORS as error:
+            REENQUEUE_FAILURES.inc()
+            log.error(
+                "could not re-enqueue a retry; the delivery record keeps it for the reconciler",
+                message_id=message.message_id,
+                error=type(error).__name__,
+            )
+            return None
+        on_retry: OnRetry | None = self._broker.get_actor(message.actor_name).options.get(
+            "on_retry"
+        )
+        if on_retry is not None:
             try:
-                return self._broker.enqueue(message, delay=delay)
-            except BROKER_ERRORS as error:
-                if time.monotonic() + pause > deadline:
-                    REENQUEUE_FAILURES.inc()
-                    log.error(
-                        "could not re-enqueue a retry; the delivery record keeps it for the reconciler",
-                        message_id=message.message_id,
-                        error=type(error).__name__,
-                    )
-                    return None
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
+                on_retry(message, delay or 0)
+            except Exception as error:
+                log.warning(
+                    "on_retry hook failed", message_id=message.message_id, error=repr(error)
+                )
+        return enqueued
 
 
 class DurableRetries(Retries):
@@ -136,6 +147,10 @@ class DurableRetries(Retries):
     def __init__(self, *, reenqueue_deadline_seconds: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.reenqueue_deadline_seconds = reenqueue_deadline_seconds
+
+    @property
+    def actor_options(self) -> set[str]:
+        return set(super().actor_options) | {"on_retry"}
 
     def after_process_message(
         self,
@@ -149,32 +164,23 @@ class DurableRetries(Retries):
         super().after_process_message(patient, message, result=result, exception=exception)
 
 
-class WorkerLogging(Middleware):
-    """Each worker process logs JSON like the CLI does (Dramatiq set up its own format first)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.level, self.format = settings.log_level, settings.log_format
-
-    def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        configure(self.level, self.format)
-
-
-def build_middleware(settings: Settings) -> list[Middleware]:
-    from service.deadletters import DeadLetterRecorder
-    from service.flags.middleware import FlagsMiddleware
-    from service.observability.middleware import DramatiqMetrics, WorkerHeartbeat
-
+def build_middleware(
+    settings: Settings,
+    *,
+    first: Sequence[Middleware] = (),
+    before_retries: Sequence[Middleware] = (),
+    after_retries: Sequence[Middleware] = (),
+) -> list[Middleware]:
+    """Dramatiq's standard middleware around our retries. ``after_*`` hooks run in reverse
+    order, so middleware in ``before_retries`` sees the verdict of Retries."""
     middleware: list[Middleware] = [
-        WorkerLogging(settings),
-        DramatiqMetrics(),
-        WorkerHeartbeat(),
+        *first,
         AgeLimit(),
         TimeLimit(),
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
-        # after_* hooks run in reverse order: listed before Retries, the recorder sees its verdict.
-        DeadLetterRecorder(),
+        *before_retries,
         DurableRetries(
             max_retries=settings.email_max_retries,
             min_backoff=settings.email_min_backoff_ms,
@@ -182,39 +188,31 @@ def build_middleware(settings: Settings) -> list[Middleware]:
             reenqueue_deadline_seconds=settings.reenqueue_deadline_seconds,
         ),
         CurrentMessage(),
-        FlagsMiddleware(),
+        *after_retries,
     ]
     if settings.broker_kind == "redis":
         middleware.append(RedisMaintenance(settings.redis_maintenance_interval_seconds))
     return middleware
 
 
-def build_broker(settings: Settings | None = None) -> dramatiq.Broker:
-    settings = settings or get_settings()
-    url = settings.broker_url.get_secret_value()
-    middleware = build_middleware(settings)
-    if settings.broker_kind == "rabbitmq":
-        return RabbitmqBroker(url=url, confirm_delivery=True, middleware=middleware)
-    client = redis.Redis.from_url(
+def redis_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
         url,
         socket_connect_timeout=2,
         socket_timeout=10,
         health_check_interval=30,
         retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=0.5, base=0.05), 2),
     )
+
+
+def build_broker(settings: Settings, middleware: list[Middleware]) -> dramatiq.Broker:
+    """A broker for BROKER_URL with ``middleware``; opens no connection until first use."""
+    url = settings.secret("broker_url")
+    if settings.broker_kind == "rabbitmq":
+        return RabbitmqBroker(url=url, confirm_delivery=True, middleware=middleware)
     return MaintainedRedisBroker(
-        client=client,
+        client=redis_client(url),
         middleware=middleware,
         heartbeat_timeout=settings.redis_heartbeat_timeout_ms,
         dead_message_ttl=settings.redis_dead_message_ttl_ms,
     )
-
-
-def setup() -> dramatiq.Broker:
-    """Build the broker from the environment and make it Dramatiq's global broker."""
-    broker = build_broker()
-    dramatiq.set_broker(broker)
-    return broker
-
-
-broker = setup()

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import typer
 
+from service.actors import send_booking_email
+from service.app import App
 from service.capacity import cli as holds_cli
-from service.config import ConfigError, get_settings
+from service.config import SERVICE, ConfigError, load_settings
+from service.db import migrate as apply_migrations
 from service.dlq import cli as dlq_cli
+from service.emails import reconcile as rec
+from service.emails.models import EmailPayload
 from service.flags import cli as flags_cli
 from service.logs import configure
+from service.observability import prepare_worker_environment
 from service.observability.health import health as health_command
 from service.outbox import cli as outbox_cli
+from service.worker import bind
 
 app = typer.Typer(
     help="Booking durability service: workers, migrations and operations.",
@@ -33,27 +41,33 @@ app.command("health")(health_command)
 
 @app.callback()
 def _setup(ctx: typer.Context) -> None:
+    """Every command starts here: settings read and checked, logging configured, the App
+    (the composition root) handed to the command as ``ctx.obj``."""
     if "--help" in sys.argv or ctx.invoked_subcommand == "demo":
         return
-    try:
-        settings = get_settings()
-    except ConfigError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
+    settings = load_settings()
     configure(settings.log_level, settings.log_format)
+    ctx.obj = App(settings)
+
+
+def _app(ctx: typer.Context, *needs: str) -> App:
+    """The command's App, after checking the settings it needs."""
+    app_: App = ctx.obj
+    app_.settings.require(*needs)
+    return app_
 
 
 @app.command()
-def migrate() -> None:
+def migrate(ctx: typer.Context) -> None:
     """Apply pending database migrations (safe to run concurrently; a no-op when up to date)."""
-    from service.db import migrate as apply
-
-    applied = apply()
+    settings = _app(ctx, "database_url").settings
+    applied = apply_migrations(settings.secret("database_url"), settings.migrations_dir)
     typer.echo(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
 
 
 @app.command()
 def worker(
+    ctx: typer.Context,
     processes: int = typer.Option(
         ..., min=1, help="Worker processes (set it: the default would be the host's CPU count)."
     ),
@@ -67,11 +81,11 @@ def worker(
     ),
 ) -> None:
     """Run the Dramatiq workers in place of this process (exec, so Dramatiq becomes PID 1)."""
+    _app(ctx, *SERVICE)
     args = [
         sys.executable,
         "-m",
-        "dramatiq",
-        "service.actors",
+        "service.worker",
         "--processes",
         str(processes),
         "--threads",
@@ -81,8 +95,6 @@ def worker(
     ]
     if queues:
         args += ["--queues", *queues]
-    from service.observability import prepare_worker_environment
-
     prepare_worker_environment()
     sys.stdout.flush()
     os.execv(sys.executable, args)
@@ -90,6 +102,7 @@ def worker(
 
 @app.command()
 def reconcile(
+    ctx: typer.Context,
     grace_seconds: int | None = typer.Option(
         None, min=0, help="Only emails older than this (default RECONCILE_GRACE_SECONDS)."
     ),
@@ -99,12 +112,17 @@ def reconcile(
     ),
 ) -> None:
     """Send again every booking email that is missing or stuck (safe to run from several places)."""
-    from datetime import timedelta
-
-    from service.emails import reconcile as rec
-
+    app_ = _app(ctx, *SERVICE)
     grace = timedelta(seconds=grace_seconds) if grace_seconds is not None else None
-    report = rec.preview(limit, grace) if dry_run else rec.reconcile(limit, grace)
+    if dry_run:
+        report = rec.preview(app_.db, app_.settings, limit, grace)
+    else:
+        bind(app_)
+
+        def enqueue(payload: EmailPayload) -> None:
+            send_booking_email.send(**payload.as_kwargs())
+
+        report = rec.reconcile(app_.db, app_.settings, enqueue, limit, grace)
     verb = "would re-enqueue" if dry_run else "re-enqueued"
     typer.echo(
         f"{verb} {report.total} email(s): {len(report.missing)} missing, {len(report.stuck)} stuck"
@@ -138,4 +156,8 @@ def demo(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ConfigError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise SystemExit(2) from None

@@ -1,43 +1,72 @@
-"""Settings from the environment, read once per process.
+"""Settings from the environment, read when a process starts (never at import).
 
-Every variable is documented in the README's configuration table; a missing or malformed
-value stops the process at start with a message naming the variable.
+Every variable is documented in the README's configuration table. ``load_settings`` validates
+everything it is given; each process then calls ``Settings.require`` for the variables its role
+needs, so a producer inside a host application needs only ``BROKER_URL`` while a worker stops at
+start, with one line naming the variable, when any of its settings is missing or malformed.
+Error messages never echo a value (URLs carry passwords).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import os
+from collections.abc import Mapping
+from email.utils import parseaddr
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-from pydantic import AnyUrl, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AnyUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE_FALSE = ("1", "0", "true", "false", "yes", "no")
 
 
 class ConfigError(RuntimeError):
-    """Raised when the environment does not describe a runnable service."""
+    """Raised when the environment does not describe a runnable process."""
 
 
-def _require_scheme(value: str, schemes: tuple[str, ...], name: str) -> str:
-    scheme = urlsplit(value).scheme
-    if scheme not in schemes:
+def _check_url(value: str, schemes: tuple[str, ...], name: str) -> None:
+    """Scheme, host and port of a service URL; the messages never include the URL itself."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise ValueError(f"{name} is not a valid URL") from None
+    if parts.scheme not in schemes:
         raise ValueError(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
-    if not urlsplit(value).hostname:
-        raise ValueError(f"{name} has no host")
-    return value
+    for hostport in parts.netloc.rpartition("@")[2].split(","):
+        if hostport.startswith("["):
+            host, _, rest = hostport[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = hostport.partition(":")
+        if not host.strip():
+            raise ValueError(f"{name} has no host")
+        if port and (not port.isdigit() or not 0 < int(port) < 65536):
+            raise ValueError(f"{name} has an invalid port (must be a number from 1 to 65535)")
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+class Settings(BaseModel):
+    """Built by ``load_settings`` from one mapping of environment variables."""
 
-    database_url: SecretStr = Field(description="postgresql:// URL of the service database")
-    broker_url: SecretStr = Field(description="redis://, rediss:// or amqp(s):// broker URL")
-    smtp_url: SecretStr = Field(description="smtp:// or smtps:// URL; ?starttls=true upgrades")
-    email_from: str = Field(description="From address of guest emails")
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
-    smtp_timeout_seconds: float = 10.0
+    database_url: SecretStr | None = Field(None, description="postgresql:// URL")
+    broker_url: SecretStr | None = Field(None, description="redis(s):// or amqp(s):// URL")
+    smtp_url: SecretStr | None = Field(None, description="smtp:// or smtps:// URL")
+    email_from: str | None = Field(None, description="From address of guest emails")
+
+    smtp_timeout_seconds: float = Field(default=10.0, gt=0)
     smtp_ca_file: Path | None = None
     db_pool_max_size: int = Field(default=8, ge=1)
+    migrations_dir: Path | None = None
 
     email_max_retries: int = Field(default=4, ge=0)
     email_min_backoff_ms: int = Field(default=60_000, ge=1)
@@ -65,12 +94,14 @@ class Settings(BaseSettings):
     hold_ttl_seconds: int = Field(default=600, ge=10)
     quote_max_tables: int = Field(default=3, ge=1, le=6)
     webhook_signing_secret: SecretStr | None = None
-    webhook_timeout_seconds: float = 5.0
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0)
     outbox_max_attempts: int = Field(default=8, ge=1)
     outbox_min_backoff_seconds: float = Field(default=5.0, gt=0)
     outbox_poll_interval_seconds: float = Field(default=1.0, gt=0)
 
     metrics_port: int = Field(default=9191, ge=0, le=65535)
+    metrics_bind_address: str = "0.0.0.0"  # noqa: S104  (pods are scraped on their pod IP)
+    prometheus_multiproc_dir: Path | None = None
     health_file: Path = Path("/tmp/booking-worker-health")  # noqa: S108
     health_max_age_seconds: int = Field(default=60, ge=5)
     log_level: str = "INFO"
@@ -78,50 +109,123 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _database_scheme(cls, v: SecretStr) -> SecretStr:
-        _require_scheme(v.get_secret_value(), ("postgresql", "postgres"), "DATABASE_URL")
+    def _database_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            _check_url(v.get_secret_value(), ("postgresql", "postgres"), "DATABASE_URL")
         return v
 
     @field_validator("broker_url")
     @classmethod
-    def _broker_scheme(cls, v: SecretStr) -> SecretStr:
-        _require_scheme(v.get_secret_value(), ("redis", "rediss", "amqp", "amqps"), "BROKER_URL")
+    def _broker_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return v
+        url = v.get_secret_value()
+        _check_url(url, ("redis", "rediss", "amqp", "amqps"), "BROKER_URL")
+        parts = urlsplit(url)
+        if parts.scheme.startswith("redis"):
+            db = parts.path.strip("/")
+            if db and not db.isdigit():
+                raise ValueError("BROKER_URL: the Redis database index must be a number")
         return v
 
     @field_validator("smtp_url")
     @classmethod
-    def _smtp_scheme(cls, v: SecretStr) -> SecretStr:
-        _require_scheme(v.get_secret_value(), ("smtp", "smtps"), "SMTP_URL")
+    def _smtp_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return v
+        url = v.get_secret_value()
+        _check_url(url, ("smtp", "smtps"), "SMTP_URL")
+        for value in parse_qs(urlsplit(url).query).get("starttls", []):
+            if value.lower() not in _TRUE_FALSE:
+                raise ValueError("SMTP_URL: starttls must be true or false")
         return v
+
+    @field_validator("email_from")
+    @classmethod
+    def _email_from(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        address = parseaddr(v)[1]
+        local, _, domain = address.rpartition("@")
+        if not local or "." not in domain or any(c in v for c in "\r\n"):
+            raise ValueError("EMAIL_FROM must be an email address, e.g. Bookings <b@example.com>")
+        return v
+
+    @field_validator("smtp_ca_file")
+    @classmethod
+    def _ca_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError("SMTP_CA_FILE: no such file")
+        return v
+
+    @field_validator("prometheus_multiproc_dir")
+    @classmethod
+    def _multiproc_dir(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError("PROMETHEUS_MULTIPROC_DIR: no such directory")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, v: str) -> str:
+        if v.upper() not in LOG_LEVELS:
+            raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        return v.upper()
 
     @property
     def broker_kind(self) -> str:
-        scheme = urlsplit(self.broker_url.get_secret_value()).scheme
+        scheme = urlsplit(self.secret("broker_url")).scheme
         return "rabbitmq" if scheme.startswith("amqp") else "redis"
+
+    def secret(self, name: str) -> str:
+        """The value of a required secret setting (``database_url``, ``broker_url``, ...)."""
+        value = getattr(self, name)
+        if value is None:
+            raise ConfigError(f"invalid configuration: {name.upper()}: is required")
+        return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+    @property
+    def sender(self) -> str:
+        if self.email_from is None:
+            raise ConfigError("invalid configuration: EMAIL_FROM: is required")
+        return self.email_from
+
+    def require(self, *names: str) -> Settings:
+        """Raise ConfigError naming every setting in ``names`` that is not set."""
+        missing = [name.upper() for name in names if getattr(self, name) is None]
+        if missing:
+            raise ConfigError(
+                "invalid configuration: " + "; ".join(f"{m}: is required" for m in missing)
+            )
+        return self
+
+
+SERVICE = ("database_url", "broker_url", "smtp_url", "email_from")
+"""What a worker, the relay and the operator CLI need."""
+PRODUCER = ("broker_url",)
+"""What ``send_booking_email.send`` needs to enqueue."""
 
 
 def _explain(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         name = "_".join(str(p) for p in item["loc"]).upper() or "environment"
-        message = "is required" if item["type"] == "missing" else item["msg"]
+        if item["type"] == "missing":
+            message = "is required"
+        else:
+            message = str(item["msg"]).removeprefix("Value error, ")
+            message = message.removeprefix(f"{name}: ").removeprefix(f"{name} ")
         lines.append(f"{name}: {message}")
     return "invalid configuration: " + "; ".join(lines)
 
 
-def load_settings() -> Settings:
-    """Build settings from the environment, raising ConfigError naming each bad variable."""
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from ``environ`` (default ``os.environ``), raising ConfigError naming each bad
+    variable. Only variables that are settings are read; empty values count as unset."""
+    source = os.environ if environ is None else environ
+    fields = Settings.model_fields
+    values = {k.lower(): v for k, v in source.items() if k.lower() in fields and v != ""}
     try:
-        return Settings()  # type: ignore[call-arg]
+        return Settings.model_validate(values)
     except ValidationError as error:
         raise ConfigError(_explain(error)) from None
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return load_settings()
-
-
-def reset_settings() -> None:
-    """Forget the cached settings (tests and the demo change the environment)."""
-    get_settings.cache_clear()

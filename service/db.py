@@ -1,4 +1,9 @@
-"""Postgres access: one connection pool per process (created after fork), and migrations."""
+"""Postgres access: a connection pool per process, transactions, and migrations.
+
+Database errors are mapped once, here, onto the service's vocabulary: a lock conflict,
+deadlock or serialisation failure is ``DatabaseConflict`` (retry soon: the other transaction
+will finish), a lost or refused connection is ``DatabaseUnavailable`` (retry later).
+"""
 
 from __future__ import annotations
 
@@ -7,66 +12,102 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+from yoyo import get_backend, read_migrations
 
-from service.config import get_settings
+from service.resilience import TransientError
 
-MIGRATIONS_DIR = Path(
-    os.environ.get("MIGRATIONS_DIR", Path(__file__).resolve().parents[1] / "db" / "migrations")
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "db" / "migrations"
+
+Conn = psycopg.Connection[Any]
+
+_CONFLICTS: tuple[type[BaseException], ...] = (
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
 )
 
-_lock = threading.Lock()
-_pool: ConnectionPool | None = None
-_pool_pid: int | None = None
+
+class DatabaseUnavailable(TransientError):
+    """Postgres could not be reached, or the pool had no connection in time."""
 
 
-class DatabaseUnavailable(RuntimeError):
-    """Postgres could not be reached (a transient condition: retry later)."""
+class DatabaseConflict(TransientError):
+    """A lock conflict, deadlock or serialisation failure: retrying soon will succeed."""
 
 
-def pool() -> ConnectionPool:
-    """The process's pool; a forked child builds its own instead of sharing the parent's sockets."""
-    global _pool, _pool_pid
-    with _lock:
-        if _pool is None or _pool_pid != os.getpid():
-            settings = get_settings()
-            _pool = ConnectionPool(
-                settings.database_url.get_secret_value(),
-                min_size=1,
-                max_size=settings.db_pool_max_size,
-                kwargs={"row_factory": dict_row, "connect_timeout": 5},
-                open=False,
-                name="booking",
-                timeout=10,
-            )
-            _pool.open(wait=False)
-            _pool_pid = os.getpid()
-        return _pool
+def map_error(error: BaseException) -> TransientError | None:
+    """The service error for a psycopg or pool error, or None when it is not transient."""
+    if isinstance(error, _CONFLICTS):
+        return DatabaseConflict(f"database conflict: {type(error).__name__}")
+    if isinstance(error, psycopg.OperationalError | psycopg.errors.AdminShutdown):
+        return DatabaseUnavailable(f"database unavailable: {type(error).__name__}")
+    if isinstance(error, TimeoutError):
+        return DatabaseUnavailable("database unavailable: no connection within the pool timeout")
+    return None
 
 
-def close_pool() -> None:
-    global _pool, _pool_pid
-    with _lock:
-        if _pool is not None and _pool_pid == os.getpid():
-            _pool.close()
-        _pool, _pool_pid = None, None
+class Database:
+    """One pool per process: a forked child opens its own instead of sharing the parent's
+    sockets. Nothing connects until the first transaction."""
 
+    def __init__(self, url: str, max_size: int, *, connect_timeout: float = 5) -> None:
+        self.url = url
+        self.max_size = max_size
+        self.connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._pool: ConnectionPool | None = None
+        self._pid: int | None = None
 
-@contextmanager
-def transaction() -> Iterator[psycopg.Connection[dict[str, object]]]:
-    """A connection inside one transaction: committed on success, rolled back on error."""
-    try:
-        with pool().connection() as conn, conn.transaction():
-            yield conn  # type: ignore[misc]
-    except (psycopg.OperationalError, psycopg.errors.AdminShutdown) as error:
-        raise DatabaseUnavailable(f"database unavailable: {type(error).__name__}") from error
-    except TimeoutError as error:
-        raise DatabaseUnavailable(
-            "database unavailable: no connection within the pool timeout"
-        ) from error
+    def pool(self) -> ConnectionPool:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pool = ConnectionPool(
+                    self.url,
+                    min_size=1,
+                    max_size=self.max_size,
+                    kwargs={"row_factory": dict_row, "connect_timeout": self.connect_timeout},
+                    open=False,
+                    name="booking",
+                    timeout=10,
+                )
+                self._pool.open(wait=False)
+                self._pid = os.getpid()
+            return self._pool
+
+    @contextmanager
+    def transaction(self) -> Iterator[Conn]:
+        """A connection inside one transaction: committed on success, rolled back on error."""
+        try:
+            with self.pool().connection() as conn, conn.transaction():
+                yield conn
+        except (psycopg.Error, TimeoutError) as error:
+            mapped = map_error(error)
+            if mapped is None:
+                raise
+            raise mapped from error
+
+    @contextmanager
+    def connection(self) -> Iterator[Conn]:
+        """A pooled connection without an enclosing transaction (the caller commits)."""
+        try:
+            with self.pool().connection() as conn:
+                yield conn
+        except (psycopg.Error, TimeoutError) as error:
+            mapped = map_error(error)
+            if mapped is None:
+                raise
+            raise mapped from error
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.close()
+            self._pool, self._pid = None, None
 
 
 def _yoyo_url(database_url: str) -> str:
@@ -74,14 +115,14 @@ def _yoyo_url(database_url: str) -> str:
     return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else database_url
 
 
-def migrate(database_url: str | None = None) -> list[str]:
-    """Apply pending migrations under a lock, so that concurrent callers are safe; returns ids applied."""
-    from yoyo import get_backend, read_migrations
-
-    url = database_url or get_settings().database_url.get_secret_value()
-    backend = get_backend(_yoyo_url(url))
-    migrations = read_migrations(str(MIGRATIONS_DIR))
-    with backend.lock():
-        pending = backend.to_apply(migrations)
-        backend.apply_migrations(pending)
+def migrate(database_url: str, migrations_dir: Path | None = None) -> list[str]:
+    """Apply pending migrations under a lock, so that concurrent callers are safe; returns ids."""
+    backend = get_backend(_yoyo_url(database_url))
+    try:
+        migrations = read_migrations(str(migrations_dir or MIGRATIONS_DIR))
+        with backend.lock():
+            pending = backend.to_apply(migrations)
+            backend.apply_migrations(pending)
+    finally:
+        backend.connection.close()
     return [m.id for m in pending]

@@ -1,30 +1,36 @@
-"""Record every dead-lettered message in Postgres, where it outlives the broker's 7-day copy."""
+"""Record every dead-lettered message in Postgres, where it outlives the broker's 7-day copy.
+
+The recorder knows no feature: an actor that wants more than the generic record declares it
+with two actor options, ``dead_letter_kind`` (a label stored with the letter, e.g. the email
+type) and ``on_dead_letter`` (called once per letter, e.g. to count it).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 from dramatiq.middleware import Middleware
 
-from service.db import transaction
+from service.db import Database
 from service.logs import get_logger, redact_text
-from service.metrics import DEAD_LETTERS_RECORDED, EMAILS
+from service.metrics import DEAD_LETTERS_RECORDED
+from service.resilience import InvalidMessage, PermanentError
 
 log = get_logger(__name__)
 
-EMAIL_ACTOR = "send_booking_email"
+KindOf = Callable[[dict[str, Any]], str | None]
+"""Actor option ``dead_letter_kind``: a label for a dead message, given as ``asdict()``."""
+OnDeadLetter = Callable[[dramatiq.Message[Any]], None]
 
 
 def failure_reason(exception: BaseException | None) -> str:
-    from service.emails.models import InvalidPayload
-    from service.emails.pipeline import PermanentDeliveryFailure
-
-    if isinstance(exception, InvalidPayload):
+    if isinstance(exception, InvalidMessage):
         return "invalid_payload"
-    if isinstance(exception, PermanentDeliveryFailure):
+    if isinstance(exception, PermanentError):
         return "permanent_failure"
     return "retries_exhausted"
 
@@ -43,10 +49,14 @@ def storable(value: Any) -> Any:
     return value
 
 
-def record_dead_letter(message: dramatiq.Message[Any], reason: str, error: str | None) -> None:
-    kwargs = message.kwargs if isinstance(message.kwargs, dict) else {}
-    email_type = kwargs.get("type") if message.actor_name == EMAIL_ACTOR else None
-    with transaction() as conn:
+def record_dead_letter(
+    db: Database,
+    message: dramatiq.Message[Any],
+    reason: str,
+    error: str | None,
+    kind: str | None = None,
+) -> None:
+    with db.transaction() as conn:
         conn.execute(
             """
             INSERT INTO dead_letters (message_id, queue_name, actor_name, message, reason, error, email_type)
@@ -62,13 +72,27 @@ def record_dead_letter(message: dramatiq.Message[Any], reason: str, error: str |
                 json.dumps(storable(message.asdict()), default=str, allow_nan=False),
                 reason,
                 storable(error),
-                storable(email_type)[:32] if isinstance(email_type, str) else None,
+                storable(kind)[:32] if isinstance(kind, str) else None,
             ),
         )
 
 
+def _option(broker: dramatiq.Broker, message: Any, name: str) -> Any:
+    try:
+        return broker.get_actor(message.actor_name).options.get(name)
+    except dramatiq.errors.ActorNotFound:
+        return None
+
+
 class DeadLetterRecorder(Middleware):
     """After Retries has decided a message is dead, write it to ``dead_letters``."""
+
+    def __init__(self, database: Callable[[], Database]) -> None:
+        self.database = database
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"dead_letter_kind", "on_dead_letter"}
 
     def after_process_message(
         self,
@@ -85,11 +109,13 @@ class DeadLetterRecorder(Middleware):
         reason = failure_reason(exception)
         error = redact_text(f"{type(exception).__name__}: {exception}")[:2000]
         DEAD_LETTERS_RECORDED.labels(message.queue_name.removesuffix(".DQ"), reason).inc()
-        if message.actor_name == EMAIL_ACTOR:
-            kwargs = message.kwargs if isinstance(message.kwargs, dict) else {}
-            EMAILS.labels(str(kwargs.get("type", "unknown"))[:32], "dead").inc()
+        kind_of: KindOf | None = _option(broker, message, "dead_letter_kind")
+        on_dead: OnDeadLetter | None = _option(broker, message, "on_dead_letter")
         try:
-            record_dead_letter(message, reason, error)
+            if on_dead is not None:
+                on_dead(message)
+            kind = kind_of(message.asdict()) if kind_of is not None else None
+            record_dead_letter(self.database(), message, reason, error, kind)
         except Exception as failure:  # the broker still holds the letter; never break the worker
             log.error(
                 "could not record a dead letter in Postgres; the broker still holds it",

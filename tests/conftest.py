@@ -9,7 +9,12 @@ from collections.abc import Iterator
 from types import FrameType
 
 import pytest
+import redis
 
+from service.actors import ACTORS
+from service.app import App
+from service.db import migrate
+from service.worker import bind
 from tests.harness.servers import PostgresServer, RedisServer, SmtpSink
 
 
@@ -43,14 +48,20 @@ def smtp_sink() -> Iterator[SmtpSink]:
     sink.destroy()
 
 
-@pytest.fixture
-def database_url(pg_server: PostgresServer) -> str:
-    """A fresh, migrated database for one test."""
-    from service.db import migrate
+MIGRATED_TEMPLATE = "migrated_template"
 
-    url = pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
-    migrate(url)
-    return url
+
+@pytest.fixture(scope="session")
+def migrated_template(pg_server: PostgresServer) -> str:
+    """One database migrated once per run; each test gets a copy of it."""
+    migrate(pg_server.create_database(MIGRATED_TEMPLATE))
+    return MIGRATED_TEMPLATE
+
+
+@pytest.fixture
+def database_url(pg_server: PostgresServer, migrated_template: str) -> str:
+    """A fresh, migrated database for one test (a copy of the migrated template)."""
+    return pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}", template=migrated_template)
 
 
 @pytest.fixture
@@ -60,12 +71,8 @@ def service_env(
     redis_server: RedisServer,
     smtp_sink: SmtpSink,
 ) -> Iterator[dict[str, str]]:
-    """Point the service's settings at this test's servers, with short retry backoffs."""
-    import redis
-
-    from service import db
-    from service.config import reset_settings
-
+    """Point the service's settings at this test's servers, with short retry backoffs (in the
+    environment too, for the worker processes a test starts)."""
     redis.Redis.from_url(redis_server.url).flushall()
     smtp_sink.clear()
     env = {
@@ -79,8 +86,15 @@ def service_env(
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    reset_settings()
-    db.close_pool()
     yield env
-    db.close_pool()
-    reset_settings()
+
+
+@pytest.fixture
+def app(service_env: dict[str, str]) -> Iterator[App]:
+    """The service's composition root for this test, with every actor bound to its broker."""
+    application = App.for_worker(service_env)
+    bind(application)
+    yield application
+    for actor in ACTORS:
+        actor.unbind()
+    application.close()

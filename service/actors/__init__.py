@@ -1,6 +1,9 @@
-"""Dramatiq actors. ``dramatiq service.actors`` loads the broker and every actor module."""
+"""Thin Dramatiq actors, declared here and bound to a broker by ``service.worker`` at start."""
 
-from service import broker as _broker  # sets the global broker before any actor is declared
-from service.actors import capacity, emails
+from service.actors.binding import DeferredActor
+from service.actors.capacity import confirm_booking
+from service.actors.emails import send_booking_email
 
-__all__ = ["_broker", "capacity", "emails"]
+ACTORS: tuple[DeferredActor, ...] = (send_booking_email, confirm_booking)
+
+__all__ = ["ACTORS", "confirm_booking", "send_booking_email"]

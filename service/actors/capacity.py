@@ -9,26 +9,22 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import dramatiq
-import psycopg
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from service import broker as _broker  # noqa: F401  (sets the global broker first)
-from service.capacity.confirm import confirm_with_policy_retry
+from service.actors.binding import DeferredActor
+from service.actors.emails import send_booking_email
+from service.app import App
+from service.capacity.confirm import Capacity, confirm_with_policy_retry
 from service.capacity.errors import CapacityError
-from service.db import DatabaseUnavailable
 from service.logs import get_logger
+from service.resilience import InvalidMessage, TransientError
 
 QUEUE = "capacity-confirmations"
 MAX_RETRIES = 8
 log = get_logger(__name__)
 
-RETRYABLE: tuple[type[BaseException], ...] = (
-    DatabaseUnavailable,
-    psycopg.errors.DeadlockDetected,
-    psycopg.errors.SerializationFailure,
-    psycopg.errors.LockNotAvailable,
-)
+RETRYABLE: tuple[type[BaseException], ...] = (TransientError,)
+"""Database outages and lock conflicts (deadlock, serialisation failure, lock timeout)."""
 
 
 class ConfirmPayload(BaseModel):
@@ -38,15 +34,31 @@ class ConfirmPayload(BaseModel):
     hold_id: uuid.UUID
 
 
-class InvalidConfirmPayload(ValueError):
+class InvalidConfirmPayload(InvalidMessage):
     """The message can never be processed; it goes to the dead letters without retries."""
+
+
+def capacity_service(app: App) -> Capacity:
+    """The capacity shell's dependencies: the confirmed email goes through ``send_booking_email``."""
+
+    def notify(booking_id: uuid.UUID) -> None:
+        send_booking_email.send(str(booking_id), "confirmed")
+
+    return Capacity(
+        db=app.db,
+        notify_confirmed=notify,
+        requote_enabled=app.flags.policy_requote_enabled,
+        hold_ttl_seconds=app.settings.hold_ttl_seconds,
+        quote_max_tables=app.settings.quote_max_tables,
+        clock=app.clock,
+    )
 
 
 def should_retry(retries: int, exception: BaseException) -> bool:
     return retries < MAX_RETRIES and isinstance(exception, RETRYABLE)
 
 
-def run(booking_id: Any, hold_id: Any) -> dict[str, Any]:
+def run(app: App, booking_id: Any, hold_id: Any) -> dict[str, Any]:
     """Validate the payload and confirm; the returned dict describes the outcome."""
     try:
         payload = ConfirmPayload(booking_id=booking_id, hold_id=hold_id)
@@ -56,7 +68,9 @@ def run(booking_id: Any, hold_id: Any) -> dict[str, Any]:
         raise InvalidConfirmPayload(f"invalid payload fields: {fields}") from None
     ids = {"booking_id": str(payload.booking_id), "hold_id": str(payload.hold_id)}
     try:
-        result = confirm_with_policy_retry(payload.booking_id, payload.hold_id)
+        result = confirm_with_policy_retry(
+            capacity_service(app), payload.booking_id, payload.hold_id
+        )
     except CapacityError as error:
         log.info("confirmation rejected", code=error.code, **ids)
         return {"outcome": "rejected", "code": error.code, **ids}
@@ -71,13 +85,15 @@ def run(booking_id: Any, hold_id: Any) -> dict[str, Any]:
     return summary
 
 
-@dramatiq.actor(
-    actor_name="confirm_booking",
-    queue_name=QUEUE,
-    retry_when=should_retry,
-    min_backoff=1_000,
-    max_backoff=60_000,
-)
-def confirm_booking(booking_id: str, hold_id: str) -> None:
+def _confirm(app: App, booking_id: str, hold_id: str) -> None:
     """Confirm a booking's hold, recovering from policy drift (see confirm_with_policy_retry)."""
-    run(booking_id, hold_id)
+    run(app, booking_id, hold_id)
+
+
+def _options(app: App) -> dict[str, Any]:
+    return {"retry_when": should_retry, "min_backoff": 1_000, "max_backoff": 60_000}
+
+
+confirm_booking = DeferredActor(
+    _confirm, actor_name="confirm_booking", queue_name=QUEUE, options=_options
+)

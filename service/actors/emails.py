@@ -1,45 +1,52 @@
 """The booking-email actor and the producer behaviour behind ``send_booking_email.send``.
 
-The booking service calls ``send_booking_email.send(booking_id, type, scheduled_for=None)`` and
-nothing else. Behind that call the ``email-queue-enabled`` flag chooses the queue or an
-immediate in-process send; an unreachable broker also falls back to sending at once, and if
-that fails too the delivery row stays pending for the reconciler.
+The booking service calls ``send_booking_email.send(booking_id, type, scheduled_for=None)``
+(optionally with ``venue_id=`` for a per-venue rollout of the queue flag) and nothing else.
+Behind that call the ``email-queue-enabled`` flag chooses the queue or an immediate in-process
+send; an unreachable broker also falls back to sending at once, and if that fails too the
+delivery row stays pending for the reconciler. Importing this module builds nothing: see
+``service.actors.binding``.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
+from uuid import UUID
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
-from service import flags
-from service.broker import BROKER_ERRORS, broker
-from service.config import get_settings
-from service.db import DatabaseUnavailable, transaction
+from service.actors.binding import AppActor, DeferredActor
+from service.app import App
+from service.broker import BROKER_ERRORS
+from service.config import ConfigError
+from service.db import DatabaseUnavailable
 from service.emails import deliveries
-from service.emails.models import EmailPayload, InvalidPayload, utcnow
+from service.emails.models import EmailPayload, InvalidPayload
 from service.emails.pipeline import (
-    Attempt,
     DeliveryFailed,
-    Outcome,
     PermanentDeliveryFailure,
     RetryableDeliveryFailure,
     deliver,
 )
+from service.emails.rules import Action, Attempt, EmailType
 from service.logs import get_logger
 from service.metrics import EMAIL_PRODUCER_DECISIONS, EMAIL_SEND_SECONDS, EMAILS
 
 QUEUE = "pending-booking-emails"
+ACTOR_NAME = "send_booking_email"
 log = get_logger(__name__)
 
 
 class EmailNotAccepted(RuntimeError):
-    """Neither the queue, nor an immediate send, nor Postgres could take the email."""
+    """Neither the queue, nor an immediate send, nor Postgres could take the email: nothing
+    was stored and the caller must retry. Also raised when the immediate send is needed but
+    this process has no database or SMTP settings."""
 
 
-class BookingEmailActor(dramatiq.Actor[Any, Any]):
+class BookingEmailActor(AppActor):
     """An actor whose ``send`` validates the payload and honours the queue kill-switch."""
 
     def send_with_options(
@@ -50,14 +57,17 @@ class BookingEmailActor(dramatiq.Actor[Any, Any]):
         delay: timedelta | int | None = None,
         **options: Any,
     ) -> dramatiq.Message[Any]:
-        payload = EmailPayload.from_call(args, kwargs)
+        call = dict(kwargs or {})
+        venue_id = call.pop("venue_id", None)
+        payload = EmailPayload.from_call(args, call)
         message = self.message_with_options(kwargs=payload.as_kwargs(), **options)
         if isinstance(delay, timedelta):
             delay = int(delay.total_seconds() * 1000)
-        if flags.email_queue_enabled():
+        if self.app.flags.email_queue_enabled(venue_id):
             try:
                 enqueued = self.broker.enqueue(
-                    message, delay=delay if delay is not None else payload.delay_ms(utcnow())
+                    message,
+                    delay=delay if delay is not None else payload.delay_ms(self.app.clock()),
                 )
                 EMAIL_PRODUCER_DECISIONS.labels("queued").inc()
                 return enqueued
@@ -71,26 +81,34 @@ class BookingEmailActor(dramatiq.Actor[Any, Any]):
                 decision = "immediate_broker_down"
         else:
             decision = "immediate_flag_off"
-        send_now(payload, decision)
+        send_now(self.app, payload, decision)
         return message
 
 
-def send_now(payload: EmailPayload, decision: str) -> None:
+def send_now(app: App, payload: EmailPayload, decision: str) -> None:
     """The in-process path: deliver now, or leave a pending row that the reconciler will send."""
-    now = utcnow()
+    now = app.clock()
     fields = {"booking_id": str(payload.booking_id), "email_type": payload.type.value}
+    try:
+        room = app.mailroom
+    except ConfigError as error:
+        log.error("immediate send is not configured in this process", error=str(error), **fields)
+        raise EmailNotAccepted(
+            f"the email could not be queued and this process cannot send it: {error}"
+        ) from None
     if payload.delay_ms(now) is not None:
         _record_pending(
-            payload, "scheduled for later while the queue is bypassed", payload.scheduled_for
+            app, payload, "scheduled for later while the queue is bypassed", payload.scheduled_for
         )
         EMAIL_PRODUCER_DECISIONS.labels("recorded_pending").inc()
         log.info("scheduled email recorded for the reconciler", **fields)
         return
     EMAIL_PRODUCER_DECISIONS.labels(decision).inc()
     try:
-        outcome = _timed(payload, Attempt(number=1, final=False))
+        with EMAIL_SEND_SECONDS.labels(payload.type.value).time():
+            action = deliver(room, payload, Attempt(number=1, final=False))
     except (RetryableDeliveryFailure, DatabaseUnavailable) as error:
-        _record_pending(payload, str(error), now)
+        _record_pending(app, payload, str(error), now)
         EMAIL_PRODUCER_DECISIONS.labels("recorded_pending").inc()
         log.warning(
             "immediate send failed; recorded as pending for the reconciler",
@@ -102,13 +120,13 @@ def send_now(payload: EmailPayload, decision: str) -> None:
         log.error("immediate send failed permanently; recorded as dead", error=str(error), **fields)
         return
     EMAILS.labels(
-        payload.type.value, "sent_immediate" if outcome is Outcome.SENT else outcome.value
+        payload.type.value, "sent_immediate" if action is Action.SEND else action.value
     ).inc()
 
 
-def _record_pending(payload: EmailPayload, error: str, due: Any) -> None:
+def _record_pending(app: App, payload: EmailPayload, error: str, due: datetime | None) -> None:
     try:
-        with transaction() as conn:
+        with app.db.transaction() as conn:
             deliveries.record_outside_send(
                 conn, payload.booking_id, payload.type, "pending", error, due
             )
@@ -119,20 +137,30 @@ def _record_pending(payload: EmailPayload, error: str, due: Any) -> None:
         ) from db_error
 
 
-def _timed(payload: EmailPayload, attempt: Attempt) -> Outcome:
-    with EMAIL_SEND_SECONDS.labels(payload.type.value).time():
-        return deliver(payload, attempt)
+def _message_kwargs(message: dramatiq.Message[Any]) -> dict[str, Any]:
+    return message.kwargs if isinstance(message.kwargs, dict) else {}
 
 
-@dramatiq.actor(
-    actor_class=BookingEmailActor,
-    actor_name="send_booking_email",
-    queue_name=QUEUE,
-    broker=broker,
-    throws=(InvalidPayload, PermanentDeliveryFailure),
-    time_limit=get_settings().email_time_limit_ms,
-)
-def send_booking_email(*args: Any, **kwargs: Any) -> None:
+def _email_type_label(message: dict[str, Any]) -> str | None:
+    kwargs = message.get("kwargs")
+    value = kwargs.get("type") if isinstance(kwargs, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _count_dead(message: dramatiq.Message[Any]) -> None:
+    EMAILS.labels(str(_message_kwargs(message).get("type", "unknown"))[:32], "dead").inc()
+
+
+def _on_retry(app: App, message: dramatiq.Message[Any], delay_ms: int) -> None:
+    """Write the retry time Dramatiq chose onto the delivery row."""
+    kwargs = _message_kwargs(message)
+    with app.db.transaction() as conn:
+        deliveries.schedule_retry(
+            conn, UUID(str(kwargs["booking_id"])), EmailType(kwargs["type"]), delay_ms
+        )
+
+
+def deliver_booking_email(app: App, *args: Any, **kwargs: Any) -> None:
     """Worker side: validate, then deliver; transient failures raise so that Dramatiq retries.
 
     Takes ``(booking_id, type, scheduled_for=None)``; the catch-all signature makes any other
@@ -141,34 +169,53 @@ def send_booking_email(*args: Any, **kwargs: Any) -> None:
     payload = EmailPayload.from_call(args, kwargs)
     message = CurrentMessage.get_current_message()
     retries = int(message.options.get("retries", 0)) if message else 0
-    delay = payload.delay_ms(utcnow())
+    delay = payload.delay_ms(app.clock())
     if delay is not None and delay > 1000:
-        broker.enqueue(
+        app.broker.enqueue(
             send_booking_email.message_with_options(kwargs=payload.as_kwargs()), delay=delay
         )
         return
-    attempt = Attempt(number=retries + 1, final=retries >= get_settings().email_max_retries)
+    attempt = Attempt(number=retries + 1, final=retries >= app.settings.email_max_retries)
     try:
-        outcome = _timed(payload, attempt)
+        with EMAIL_SEND_SECONDS.labels(payload.type.value).time():
+            action = deliver(app.mailroom, payload, attempt)
     except DeliveryFailed as error:
-        if not error.permanent and not attempt.final:
-            EMAILS.labels(payload.type.value, "retried").inc()
-        EMAILS.labels(payload.type.value, "failed").inc()
+        will_retry = not error.permanent and not attempt.final
+        EMAILS.labels(payload.type.value, "retried" if will_retry else "failed").inc()
         log.warning(
             "email attempt failed",
             booking_id=str(payload.booking_id),
             email_type=payload.type.value,
             attempt=attempt.number,
-            final=attempt.final or error.permanent,
+            final=not will_retry,
             error=str(error),
         )
         if error.permanent:
             raise
         raise dramatiq.Retry(str(error)) from error  # retried with backoff, without a stack trace
-    EMAILS.labels(payload.type.value, outcome.value).inc()
+    EMAILS.labels(payload.type.value, action.value).inc()
     log.debug(
-        "email " + outcome.value,
+        "email " + action.value,
         booking_id=str(payload.booking_id),
         email_type=payload.type.value,
         attempt=attempt.number,
     )
+
+
+def _options(app: App) -> dict[str, Any]:
+    return {
+        "throws": (InvalidPayload, PermanentDeliveryFailure),
+        "time_limit": app.settings.email_time_limit_ms,
+        "dead_letter_kind": _email_type_label,
+        "on_dead_letter": _count_dead,
+        "on_retry": partial(_on_retry, app),
+    }
+
+
+send_booking_email = DeferredActor(
+    deliver_booking_email,
+    actor_name=ACTOR_NAME,
+    queue_name=QUEUE,
+    actor_class=BookingEmailActor,
+    options=_options,
+)

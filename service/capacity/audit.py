@@ -20,11 +20,13 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from prometheus_client.core import GaugeMetricFamily, Metric
 from psycopg.rows import dict_row
 from pydantic import ValidationError
 
 from service.capacity.holds import MetadataProblem, validate_hold_metadata
 from service.capacity.policy import CapacityPolicy, policy_version
+from service.observability.collectors import Database as ScrapeDatabase
 
 METADATA_CONSTRAINT = "holds_active_metadata_object"
 _VERSION = re.compile(r"^[0-9a-f]{64}$")
@@ -415,3 +417,23 @@ def audit(
             report.problems.update({_path_key(p.path) for p in problems})
             if len(report.invalid_holds) < sample:
                 report.invalid_holds.append((hold.id, hold.venue_id))
+
+
+class InvalidHoldsSource:
+    """Scrape-time gauge: active, unexpired holds whose metadata fails validation, counted by the
+    same check as ``holds audit`` (it re-validates only holds changed since the last scrape)."""
+
+    name = "holds"
+
+    def __init__(self, db: ScrapeDatabase) -> None:
+        self.db = db
+
+    def collect(self) -> list[Metric]:
+        counts = self.db.run(count_active_holds_by_validity)
+        return [
+            GaugeMetricFamily(
+                "booking_holds_invalid_active",
+                "Active (unexpired, unconfirmed) holds whose metadata fails validation.",
+                counts["invalid"],
+            )
+        ]

@@ -47,8 +47,7 @@ from service.capacity.audit import (
 from service.capacity.holds import MetadataProblem, build_hold_metadata
 from service.capacity.policy import tables_by_id
 from service.capacity.quoting import Quote
-from service.config import get_settings
-from service.db import DatabaseUnavailable, transaction
+from service.db import Database, DatabaseUnavailable
 from service.logs import get_logger
 from service.outbox.notifications import Notification
 
@@ -411,10 +410,6 @@ def prepare_write(
     now: datetime | None = None,
 ) -> PreparedWrite:
     """``venues`` must name the venue of every irreparable hold (its event needs the name)."""
-    from service.outbox.registry import registered_types
-
-    if HOLD_RELEASED_IRREPARABLE not in registered_types():
-        raise RuntimeError(f"no outbox handler is registered for {HOLD_RELEASED_IRREPARABLE}")
     now = now or datetime.now(UTC)
     repairs = [v for v in verdicts if v.action == "repair"]
     releases = [v for v in verdicts if v.action == "release"]
@@ -470,6 +465,7 @@ ProgressCallback = Callable[[int], object]
 class Backfill:
     """One run over the active holds (optionally of one venue)."""
 
+    db: Database
     batch_size: int = 500
     dry_run: bool = False
     venue_id: uuid.UUID | None = None
@@ -486,7 +482,7 @@ class Backfill:
 
     def total_active(self) -> int:
         """Active holds in scope now, for a progress bar."""
-        with transaction() as conn:
+        with self.db.transaction() as conn:
             row = conn.execute(
                 "SELECT count(*) AS n FROM holds WHERE status = 'active'"
                 " AND (%(venue)s::uuid IS NULL OR venue_id = %(venue)s)",
@@ -551,7 +547,7 @@ class Backfill:
     def _batches(self) -> Iterator[list[ActiveHold]]:
         after: uuid.UUID | None = None
         while True:
-            with transaction() as conn:
+            with self.db.transaction() as conn:
                 holds = fetch_active_holds(
                     conn, after=after, limit=self.batch_size, venue_id=self.venue_id
                 )
@@ -565,7 +561,7 @@ class Backfill:
         still: list[uuid.UUID] = []
         for start in range(0, len(ids), self.batch_size):
             chunk = ids[start : start + self.batch_size]
-            with transaction() as conn:
+            with self.db.transaction() as conn:
                 holds = fetch_holds_by_id(conn, chunk)
                 self._load(conn, holds)
             self.summary.gone += len(chunk) - len(holds)
@@ -588,8 +584,7 @@ class Backfill:
         """Apply one batch on the writer's own autocommit connection; returns the ids to try
         again (locked or changed since they were read)."""
         if self._conn is None or self._conn.closed:
-            url = get_settings().database_url.get_secret_value()
-            self._conn = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+            self._conn = psycopg.connect(self.db.url, autocommit=True, row_factory=dict_row)
         result = apply_write(self._conn, write)
         self.summary.lock_ms.append(result.lock_ms)
         done = result.repaired | result.released
@@ -618,7 +613,7 @@ class Backfill:
     def _validate_constraint(self) -> str:
         """After a complete run over every venue, validate the metadata check constraint
         (SHARE UPDATE EXCLUSIVE: reads and writes of holds go on)."""
-        with transaction() as conn:
+        with self.db.transaction() as conn:
             validated = constraint_validated(conn)
         if validated is None:
             return "absent (run migrate)"
@@ -627,7 +622,7 @@ class Backfill:
         if self.dry_run or self.venue_id is not None or self.summary.busy:
             return "not validated (needs a complete run over every venue)"
         try:
-            with transaction() as conn:
+            with self.db.transaction() as conn:
                 conn.execute("SET LOCAL lock_timeout = '5s'")
                 conn.execute(f"ALTER TABLE holds VALIDATE CONSTRAINT {METADATA_CONSTRAINT}")
         except (DatabaseUnavailable, psycopg.errors.CheckViolation) as error:
@@ -636,6 +631,7 @@ class Backfill:
 
 
 def run_backfill(
+    db: Database,
     *,
     batch_size: int = 500,
     dry_run: bool = False,
@@ -644,5 +640,5 @@ def run_backfill(
 ) -> BackfillSummary:
     """Repair or release every active hold with incomplete metadata; see the module docstring."""
     return Backfill(
-        batch_size=batch_size, dry_run=dry_run, venue_id=venue_id, progress=progress
+        db, batch_size=batch_size, dry_run=dry_run, venue_id=venue_id, progress=progress
     ).run()

@@ -8,8 +8,20 @@ import uuid
 from typing import Any
 
 import typer
+from tqdm import tqdm
+
+from service.app import App
+from service.capacity.audit import audit as run_audit
+from service.capacity.backfill import Backfill
+from service.db import Database
 
 app = typer.Typer(help="Hold metadata integrity: backfill and audit.", no_args_is_help=True)
+
+
+def _db(ctx: typer.Context) -> Database:
+    app_: App = ctx.obj
+    app_.settings.require("database_url")
+    return app_.db
 
 
 def _venue(value: str | None) -> uuid.UUID | None:
@@ -62,6 +74,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 @app.command()
 def backfill(
+    ctx: typer.Context,
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Report what would change; change nothing."
     ),
@@ -73,11 +86,7 @@ def backfill(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Repair active holds with incomplete metadata; release and report the irreparable ones."""
-    from tqdm import tqdm
-
-    from service.capacity.backfill import Backfill
-
-    run = Backfill(batch_size=batch_size, dry_run=dry_run, venue_id=_venue(venue))
+    run = Backfill(_db(ctx), batch_size=batch_size, dry_run=dry_run, venue_id=_venue(venue))
     with tqdm(
         total=run.total_active(),
         unit="hold",
@@ -95,15 +104,13 @@ def backfill(
 
 @app.command()
 def audit(
+    ctx: typer.Context,
     venue: str | None = typer.Option(None, "--venue", help="Only this venue's holds."),
     show: int = typer.Option(20, min=0, help="List up to this many invalid holds."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
     """Count active holds by metadata validity; exit 1 when any unexpired one is invalid."""
-    from service.capacity.audit import audit as run_audit
-    from service.db import transaction
-
-    with transaction() as conn:
+    with _db(ctx).transaction() as conn:
         report = run_audit(conn, venue_id=_venue(venue), sample=show)
     if as_json:
         typer.echo(json.dumps(report.as_dict(), sort_keys=True))

@@ -16,7 +16,6 @@ from typing import Any, Literal
 import psycopg
 from pydantic import ValidationError
 
-from service import flags
 from service.capacity import repository as repo
 from service.capacity.drift import (
     PolicyDiff,
@@ -45,8 +44,7 @@ from service.capacity.holds import (
 )
 from service.capacity.policy import adjacency_hash, edges_among
 from service.capacity.quoting import quote
-from service.config import get_settings
-from service.db import transaction
+from service.db import Database
 from service.logs import get_logger
 from service.metrics import (
     CONFIRM_INCOMPLETE_METADATA,
@@ -69,6 +67,20 @@ POLICY_NOT_FOUND = "POLICY_NOT_FOUND"
 Outcome = Literal["confirmed", "recovered", "escalated"]
 Notifier = Callable[[uuid.UUID], None]
 RequoteHook = Callable[[int, "Hold"], None]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What the capacity shell needs, built by the composition root."""
+
+    db: Database
+    notify_confirmed: Notifier
+    """Hands the ``confirmed`` email to the pipeline once a confirmation committed."""
+    requote_enabled: Callable[[object | None], bool]
+    """The ``policy-requote-enabled`` flag, per venue."""
+    hold_ttl_seconds: int = 600
+    quote_max_tables: int = 3
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -123,10 +135,6 @@ class ConfirmationResult:
     event_id: uuid.UUID | None = None
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
     return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
@@ -144,6 +152,7 @@ def _current_policy(conn: repo.Connection, venue_id: uuid.UUID) -> repo.PolicyRe
 
 
 def _place_hold(
+    cap: Capacity,
     conn: repo.Connection,
     booking: repo.BookingRecord,
     revision: repo.PolicyRevision,
@@ -165,7 +174,7 @@ def _place_hold(
         booking.starts_at,
         occupied,
         now,
-        max_tables=get_settings().quote_max_tables,
+        max_tables=cap.quote_max_tables,
     )
     metadata = build_hold_metadata(revision.policy, offer)
     require_valid_hold_metadata(metadata, revision.policy)
@@ -198,6 +207,7 @@ def _pending_booking(conn: repo.Connection, booking_id: uuid.UUID) -> repo.Booki
 
 
 def create_hold(
+    cap: Capacity,
     booking_id: uuid.UUID | str,
     *,
     now: datetime | None = None,
@@ -209,14 +219,14 @@ def create_hold(
     ``NO_AVAILABILITY`` (nothing fits), ``BOOKING_NOT_FOUND`` or ``BOOKING_NOT_PENDING``.
     """
     booking_id = _as_uuid(booking_id)
-    now = now or _utcnow()
-    ttl = timedelta(seconds=ttl_seconds or get_settings().hold_ttl_seconds)
+    now = now or cap.clock()
+    ttl = timedelta(seconds=ttl_seconds or cap.hold_ttl_seconds)
     try:
-        with transaction() as conn:
+        with cap.db.transaction() as conn:
             booking = _pending_booking(conn, booking_id)
             repo.lock_venue(conn, booking.venue_id)
             revision = _current_policy(conn, booking.venue_id)
-            hold = _place_hold(conn, booking, revision, now, ttl)
+            hold = _place_hold(cap, conn, booking, revision, now, ttl)
             for previous in repo.release_active_holds(
                 conn, booking_id, reason="superseded", now=now, keep=hold.id
             ):
@@ -404,27 +414,12 @@ def _confirm_in(
     return Confirmation(booking_id, hold.id, hold.table_ids, hold.starts_at, hold.ends_at)
 
 
-def send_confirmed_email(booking_id: uuid.UUID) -> None:
-    """Hand the ``confirmed`` email to the pipeline; a failure is logged, never raised (the
-    confirmation has committed, and the email reconciler re-sends missing emails)."""
-    try:
-        from service.actors.emails import send_booking_email
-
-        send_booking_email.send(str(booking_id), "confirmed")
-    except Exception as error:
-        log.error(
-            "confirmed email not handed to the pipeline",
-            booking_id=str(booking_id),
-            error=type(error).__name__,
-        )
-
-
 def confirm_hold_assignment(
+    cap: Capacity,
     booking_id: uuid.UUID | str,
     hold_id: uuid.UUID | str,
     *,
     now: datetime | None = None,
-    notify: Notifier | None = None,
 ) -> Confirmation:
     """Assign the hold's tables, confirm the booking and consume the hold, in one transaction;
     then send the ``confirmed`` email.
@@ -437,8 +432,8 @@ def confirm_hold_assignment(
     """
     booking_id, hold_id = _as_uuid(booking_id), _as_uuid(hold_id)
     try:
-        with transaction() as conn:
-            confirmation = _confirm_in(conn, booking_id, hold_id, now or _utcnow())
+        with cap.db.transaction() as conn:
+            confirmation = _confirm_in(conn, booking_id, hold_id, now or cap.clock())
     except CapacityError as error:
         if error.code == HOLD_METADATA_INCOMPLETE:
             CONFIRM_INCOMPLETE_METADATA.inc()
@@ -452,27 +447,42 @@ def confirm_hold_assignment(
             hold_id=str(confirmation.hold_id),
             tables=list(confirmation.table_ids),
         )
-        (send_confirmed_email if notify is None else notify)(booking_id)
+        _notify(cap, booking_id)
     return confirmation
+
+
+def _notify(cap: Capacity, booking_id: uuid.UUID) -> None:
+    """A failure to hand over the ``confirmed`` email is logged, never raised: the confirmation
+    has committed, and the email reconciler re-sends missing emails."""
+    try:
+        cap.notify_confirmed(booking_id)
+    except Exception as error:
+        log.error(
+            "confirmed email not handed to the pipeline",
+            booking_id=str(booking_id),
+            error=type(error).__name__,
+        )
 
 
 # -- drift recovery ------------------------------------------------------------------------
 
 
-def _requote(booking_id: uuid.UUID, old_hold_id: uuid.UUID, now: datetime) -> Hold:
+def _requote(cap: Capacity, booking_id: uuid.UUID, old_hold_id: uuid.UUID) -> Hold:
     """Under the latest policy, hold new tables and release the old hold, in one transaction."""
-    with transaction() as conn:
+    now = cap.clock()
+    with cap.db.transaction() as conn:
         booking = _pending_booking(conn, booking_id)
         repo.lock_venue(conn, booking.venue_id)
         repo.lock_hold(conn, old_hold_id)
         revision = _current_policy(conn, booking.venue_id)
-        ttl = timedelta(seconds=get_settings().hold_ttl_seconds)
-        hold = _place_hold(conn, booking, revision, now, ttl)
+        ttl = timedelta(seconds=cap.hold_ttl_seconds)
+        hold = _place_hold(cap, conn, booking, revision, now, ttl)
         repo.release_hold(conn, old_hold_id, reason="policy_drift", now=now, replaced_by=hold.id)
     return hold
 
 
 def _escalate(
+    cap: Capacity,
     booking_id: uuid.UUID,
     original_hold_id: uuid.UUID,
     hold_id: uuid.UUID,
@@ -482,9 +492,9 @@ def _escalate(
     cause: CapacityError | None = None,
 ) -> ConfirmationResult:
     """Flag the booking, release its hold and write the admin notification, in one transaction."""
-    now = _utcnow()
+    now = cap.clock()
     details = drift.details
-    with transaction() as conn:
+    with cap.db.transaction() as conn:
         booking = repo.lock_booking(conn, booking_id)
         if booking is None:
             raise CapacityError(
@@ -539,10 +549,10 @@ def _escalate(
 
 
 def confirm_with_policy_retry(
+    cap: Capacity,
     booking_id: uuid.UUID | str,
     hold_id: uuid.UUID | str,
     *,
-    notify: Notifier | None = None,
     after_requote: RequoteHook | None = None,
 ) -> ConfirmationResult:
     """Confirm, re-quoting and re-holding on POLICY_CHANGED at most twice, then escalating.
@@ -558,7 +568,7 @@ def confirm_with_policy_retry(
     cycles = 0
     while True:
         try:
-            confirmation = confirm_hold_assignment(booking_id, current, notify=notify)
+            confirmation = confirm_hold_assignment(cap, booking_id, current)
         except CapacityError as error:
             if error.code != POLICY_CHANGED:
                 CONFIRMATIONS.labels("rejected").inc()
@@ -594,20 +604,27 @@ def confirm_with_policy_retry(
         )
         if cycles == 0:
             POLICY_DRIFT.labels("detected").inc()
-        if not flags.policy_requote_enabled(venue_id):
+        if not cap.requote_enabled(venue_id):
             CONFIRMATIONS.labels("rejected").inc()
             raise drift
         if cycles >= MAX_REQUOTE_CYCLES:
-            return _escalate(booking_id, original, current, POLICY_RETRY_FAILED, drift, cycles)
+            return _escalate(cap, booking_id, original, current, POLICY_RETRY_FAILED, drift, cycles)
         cycles += 1
         try:
-            hold = _requote(booking_id, current, _utcnow())
+            hold = _requote(cap, booking_id, current)
         except CapacityError as error:
             if error.code != NO_AVAILABILITY:
                 CONFIRMATIONS.labels("rejected").inc()
                 raise
             return _escalate(
-                booking_id, original, current, POLICY_REQUOTE_FAILED, drift, cycles, cause=error
+                cap,
+                booking_id,
+                original,
+                current,
+                POLICY_REQUOTE_FAILED,
+                drift,
+                cycles,
+                cause=error,
             )
         log.info(
             "re-quoted after policy drift",

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import pika.exceptions
+import redis
+
+from service.amqp import connect
 from service.config import Settings
 
 NAMESPACE = "dramatiq"
@@ -39,8 +43,6 @@ class RedisDeadQueues:
     ``dramatiq:<q>.XQ.msgs`` (Redis message id -> encoded message)."""
 
     def __init__(self, url: str) -> None:
-        import redis
-
         self.client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
 
     def copies(self, queue: str) -> dict[str, BrokerCopy]:
@@ -76,14 +78,10 @@ class RabbitDeadQueues:
     invisible to other readers; nothing is lost if the process dies (the broker requeues them)."""
 
     def __init__(self, url: str) -> None:
-        from service.amqp import connect
-
         self.connection = connect(url, timeout=10, attempts=2)
         self.channel = self.connection.channel()
 
     def copies(self, queue: str) -> dict[str, BrokerCopy]:
-        import pika.exceptions
-
         name = f"{queue}.XQ"
         try:
             count = self.channel.queue_declare(name, passive=True).method.message_count
@@ -114,7 +112,7 @@ class RabbitDeadQueues:
 
 
 def open_dead_queues(settings: Settings) -> DeadQueues:
-    url = settings.broker_url.get_secret_value()
+    url = settings.secret("broker_url")
     if settings.broker_kind == "rabbitmq":
         return RabbitDeadQueues(url)
     return RedisDeadQueues(url)

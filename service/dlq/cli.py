@@ -11,8 +11,11 @@ from typing import Any
 import typer
 from tqdm import tqdm
 
+from service.app import App
+from service.config import SERVICE
 from service.dlq.operations import DeadLetter, Filters, dead_letters, parse_duration, purge, replay
 from service.logs import redact_text
+from service.worker import bind
 
 app = typer.Typer(
     help="Dead letters (broker copy and Postgres record): list, show, replay, purge.",
@@ -116,8 +119,17 @@ def _progress(total: int, what: str) -> Any:
     return wrap
 
 
+def _bound(ctx: typer.Context) -> App:
+    """The App with the actors bound: replay sends through them, labels come from them."""
+    app_: App = ctx.obj
+    app_.settings.require(*SERVICE)
+    bind(app_)
+    return app_
+
+
 @app.command("list")
 def list_letters(
+    ctx: typer.Context,
     queue: str | None = QUEUE,
     email_type: str | None = TYPE,
     reason: str | None = REASON,
@@ -134,7 +146,8 @@ def list_letters(
     filters = _filters(
         queue, email_type, reason, older_than, newer_than, ids, limit, include_handled
     )
-    with dead_letters(filters) as (letters, _):
+    a = _bound(ctx)
+    with dead_letters(a.db, a.broker, a.settings, filters) as (letters, _):
         if as_json:
             for letter in letters:
                 typer.echo(json.dumps(_as_json(letter)))
@@ -145,9 +158,13 @@ def list_letters(
 
 
 @app.command()
-def show(message_id: str = typer.Argument(..., help="The dead message's id.")) -> None:
+def show(
+    ctx: typer.Context, message_id: str = typer.Argument(..., help="The dead message's id.")
+) -> None:
     """One dead letter in full: record, error and the message (args, kwargs, options)."""
-    with dead_letters(Filters(ids=(message_id,), include_handled=True, limit=1)) as (found, _):
+    a = _bound(ctx)
+    selection = Filters(ids=(message_id,), include_handled=True, limit=1)
+    with dead_letters(a.db, a.broker, a.settings, selection) as (found, _):
         if not found:
             typer.echo(f"no dead letter {message_id}", err=True)
             raise typer.Exit(1)
@@ -166,6 +183,7 @@ def show(message_id: str = typer.Argument(..., help="The dead message's id.")) -
 
 @app.command("replay")
 def replay_letters(
+    ctx: typer.Context,
     message_ids: list[str] = typer.Argument(None, help="Message ids (default: every match)."),
     queue: str | None = QUEUE,
     email_type: str | None = TYPE,
@@ -184,7 +202,8 @@ def replay_letters(
     and marks the record replayed. Emails already sent are not sent again.
     """
     filters = _filters(queue, email_type, reason, older_than, newer_than, message_ids or [], limit)
-    with dead_letters(filters) as (letters, queues):
+    a = _bound(ctx)
+    with dead_letters(a.db, a.broker, a.settings, filters) as (letters, queues):
         if dry_run:
             for letter in letters:
                 source = "db" if from_db or letter.copy is None else "broker"
@@ -192,7 +211,12 @@ def replay_letters(
             typer.echo(f"would replay {len(letters)} dead letter(s)")
             return
         outcome = replay(
-            letters, queues, from_db=from_db, progress=_progress(len(letters), "replay")
+            a.db,
+            a.broker,
+            letters,
+            queues,
+            from_db=from_db,
+            progress=_progress(len(letters), "replay"),
         )
     for letter, error in outcome.failed:
         typer.echo(f"failed {letter.message_id}: {redact_text(error)}", err=True)
@@ -203,6 +227,7 @@ def replay_letters(
 
 @app.command("purge")
 def purge_letters(
+    ctx: typer.Context,
     message_ids: list[str] = typer.Argument(None, help="Message ids (default: every match)."),
     queue: str | None = QUEUE,
     email_type: str | None = TYPE,
@@ -215,7 +240,8 @@ def purge_letters(
 ) -> None:
     """Delete matching dead letters from the broker; the Postgres record stays, marked purged."""
     filters = _filters(queue, email_type, reason, older_than, newer_than, message_ids or [], limit)
-    with dead_letters(filters) as (letters, queues):
+    a = _bound(ctx)
+    with dead_letters(a.db, a.broker, a.settings, filters) as (letters, queues):
         if dry_run:
             for letter in letters:
                 typer.echo(f"would purge {letter.message_id} ({letter.actor}, {letter.location})")
@@ -223,5 +249,5 @@ def purge_letters(
             return
         if letters and not yes:
             typer.confirm(f"purge {len(letters)} dead letter(s)?", abort=True)
-        outcome = purge(letters, queues, progress=_progress(len(letters), "purge"))
+        outcome = purge(a.db, letters, queues, progress=_progress(len(letters), "purge"))
     typer.echo(f"purged {len(outcome.done)} dead letter(s)")

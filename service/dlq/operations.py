@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from service.config import get_settings
-from service.db import transaction
+import dramatiq
+
+from service.config import Settings
+from service.db import Database
 from service.dlq.brokers import BrokerCopy, DeadQueues, open_dead_queues
 from service.logs import get_logger
 
 log = get_logger(__name__)
 
-EMAIL_ACTOR = "send_booking_email"
 UNRECORDED = "unrecorded"
 RUNTIME_OPTIONS = frozenset({"retries", "traceback", "eta", "redis_message_id"})
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -105,17 +106,26 @@ def _from_row(row: dict[str, Any]) -> DeadLetter:
     )
 
 
-def _from_copy(copy: BrokerCopy, now: datetime) -> DeadLetter:
+def kind_of(broker: dramatiq.Broker, message: dict[str, Any]) -> str | None:
+    """The label the message's actor gives its dead letters (its ``dead_letter_kind`` option)."""
+    try:
+        actor = broker.get_actor(str(message.get("actor_name", "")))
+    except dramatiq.errors.ActorNotFound:
+        return None
+    label = actor.options.get("dead_letter_kind")
+    kind = label(message) if label is not None else None
+    return kind if isinstance(kind, str) else None
+
+
+def _from_copy(broker: dramatiq.Broker, copy: BrokerCopy, now: datetime) -> DeadLetter:
     message = copy.message
-    raw_kwargs = message.get("kwargs")
-    kwargs: dict[str, Any] = raw_kwargs if isinstance(raw_kwargs, dict) else {}
     actor = str(message.get("actor_name", ""))
-    email_type = kwargs.get("type") if actor == EMAIL_ACTOR else None
+    email_type = kind_of(broker, message)
     return DeadLetter(
         message_id=copy.message_id,
         queue=copy.queue,
         actor=actor,
-        email_type=email_type if isinstance(email_type, str) else None,
+        email_type=email_type,
         reason=UNRECORDED,
         error=None,
         failed_at=copy.dead_at or now,
@@ -125,7 +135,7 @@ def _from_copy(copy: BrokerCopy, now: datetime) -> DeadLetter:
     )
 
 
-def _records(filters: Filters) -> list[DeadLetter]:
+def _records(db: Database, filters: Filters) -> list[DeadLetter]:
     clauses: list[str] = ["TRUE"]
     params: list[Any] = []
     if not filters.include_handled:
@@ -148,7 +158,7 @@ def _records(filters: Filters) -> list[DeadLetter]:
         clauses.append("message_id = ANY(%s)")
         params.append(list(filters.ids))
     params.append(filters.limit)
-    with transaction() as conn:
+    with db.transaction() as conn:
         rows = conn.execute(
             f"SELECT * FROM dead_letters WHERE {' AND '.join(clauses)} ORDER BY failed_at LIMIT %s",
             params,
@@ -156,27 +166,27 @@ def _records(filters: Filters) -> list[DeadLetter]:
         return [_from_row(row) for row in rows]
 
 
-def _known_queues(filters: Filters) -> list[str]:
+def _known_queues(db: Database, broker: dramatiq.Broker, filters: Filters) -> list[str]:
     if filters.queue is not None:
         return [filters.queue]
-    from service.actors import _broker
-
-    declared = {q for q in _broker.broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))}
-    with transaction() as conn:
+    declared = {q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))}
+    with db.transaction() as conn:
         rows = conn.execute("SELECT DISTINCT queue_name FROM dead_letters").fetchall()
     return sorted(declared | {str(r["queue_name"]) for r in rows})
 
 
 @contextmanager
-def dead_letters(filters: Filters) -> Iterator[tuple[list[DeadLetter], DeadQueues]]:
+def dead_letters(
+    db: Database, broker: dramatiq.Broker, settings: Settings, filters: Filters
+) -> Iterator[tuple[list[DeadLetter], DeadQueues]]:
     """The selected dead letters, with their broker copies attached, and the open broker session
     (RabbitMQ holds the copies unacknowledged until the session closes)."""
     now = datetime.now(UTC)
-    letters = _records(filters)
-    queues = open_dead_queues(get_settings())
+    letters = _records(db, filters)
+    queues = open_dead_queues(settings)
     try:
         copies: dict[str, BrokerCopy] = {}
-        for queue in _known_queues(filters):
+        for queue in _known_queues(db, broker, filters):
             copies.update(queues.copies(queue))
         recorded = set()
         for letter in letters:
@@ -184,13 +194,13 @@ def dead_letters(filters: Filters) -> Iterator[tuple[list[DeadLetter], DeadQueue
             recorded.add(letter.message_id)
         unrecorded_ids = set(copies) - recorded
         if unrecorded_ids:
-            with transaction() as conn:
+            with db.transaction() as conn:
                 rows = conn.execute(
                     "SELECT message_id FROM dead_letters WHERE message_id = ANY(%s)",
                     (list(unrecorded_ids),),
                 ).fetchall()
             unrecorded_ids -= {r["message_id"] for r in rows}
-        extra = [_from_copy(copies[i], now) for i in unrecorded_ids]
+        extra = [_from_copy(broker, copies[i], now) for i in unrecorded_ids]
         letters += [letter for letter in extra if filters.matches(letter, now)]
         letters.sort(key=lambda letter: letter.failed_at)
         yield letters[: filters.limit], queues
@@ -198,13 +208,8 @@ def dead_letters(filters: Filters) -> Iterator[tuple[list[DeadLetter], DeadQueue
         queues.close()
 
 
-def replay_message(message: dict[str, Any]) -> str:
+def replay_message(broker: dramatiq.Broker, message: dict[str, Any]) -> str:
     """Send ``message`` again through its actor with a fresh retry budget; returns the new id."""
-    import dramatiq
-
-    from service.actors import _broker
-
-    broker = _broker.broker
     options = {k: v for k, v in (message.get("options") or {}).items() if k not in RUNTIME_OPTIONS}
     args = tuple(message.get("args") or ())
     kwargs = dict(message.get("kwargs") or {})
@@ -221,9 +226,9 @@ def replay_message(message: dict[str, Any]) -> str:
     return str(sent.message_id)
 
 
-def _mark(letter: DeadLetter, column: str) -> None:
+def _mark(db: Database, letter: DeadLetter, column: str) -> None:
     assert column in ("replayed_at", "purged_at")
-    with transaction() as conn:
+    with db.transaction() as conn:
         if letter.recorded:
             conn.execute(
                 f"UPDATE dead_letters SET {column} = now() WHERE message_id = %s",
@@ -256,6 +261,8 @@ class Outcome:
 
 
 def replay(
+    db: Database,
+    broker: dramatiq.Broker,
     letters: Iterable[DeadLetter],
     queues: DeadQueues,
     *,
@@ -268,20 +275,21 @@ def replay(
     for letter in progress(letters):
         source = letter.message if from_db or letter.copy is None else letter.copy.message
         try:
-            new_id = replay_message(source)
+            new_id = replay_message(broker, source)
         except Exception as error:
             log.error("replay failed", message_id=letter.message_id, error=type(error).__name__)
             outcome.failed.append((letter, f"{type(error).__name__}: {error}"))
             continue
         if letter.copy is not None:
             queues.remove(letter.copy)
-        _mark(letter, "replayed_at")
+        _mark(db, letter, "replayed_at")
         log.info("dead letter replayed", message_id=letter.message_id, new_message_id=new_id)
         outcome.done.append((letter, new_id))
     return outcome
 
 
 def purge(
+    db: Database,
     letters: Iterable[DeadLetter],
     queues: DeadQueues,
     *,
@@ -292,6 +300,6 @@ def purge(
     for letter in progress(letters):
         if letter.copy is not None:
             queues.remove(letter.copy)
-        _mark(letter, "purged_at")
+        _mark(db, letter, "purged_at")
         outcome.done.append((letter, "purged"))
     return outcome

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
-import psycopg
+from psycopg.rows import class_row
 
+from service.db import Conn
 from service.emails.models import BookingView
 from service.emails.rules import EmailType
 
-Conn = psycopg.Connection[Any]
-
 _BOOKING = """
-SELECT b.id, b.status, b.guest_name, b.guest_email, b.party_size, b.starts_at, b.locale, b.notes,
+SELECT b.id AS booking_id, b.status, b.guest_name, b.guest_email, b.party_size, b.starts_at, b.locale, b.notes,
        v.name AS venue_name, v.timezone AS venue_timezone
   FROM bookings b JOIN venues v ON v.id = b.venue_id
  WHERE b.id = %s
@@ -22,37 +20,25 @@ SELECT b.id, b.status, b.guest_name, b.guest_email, b.party_size, b.starts_at, b
 
 
 def load_booking(conn: Conn, booking_id: UUID) -> BookingView | None:
-    row = conn.execute(_BOOKING, (booking_id,)).fetchone()
-    if row is None:
-        return None
-    return BookingView(
-        booking_id=row["id"],
-        status=row["status"],
-        guest_name=row["guest_name"],
-        guest_email=row["guest_email"],
-        party_size=row["party_size"],
-        starts_at=row["starts_at"],
-        locale=row["locale"],
-        notes=row["notes"],
-        venue_name=row["venue_name"],
-        venue_timezone=row["venue_timezone"],
-    )
+    with conn.cursor(row_factory=class_row(BookingView)) as cur:
+        return cur.execute(_BOOKING, (booking_id,)).fetchone()
 
 
-def lock_delivery(conn: Conn, booking_id: UUID, email_type: EmailType) -> dict[str, Any]:
-    """Create the (booking, type) row if needed and lock it; raises LockNotAvailable when
-    another worker holds it (that worker is sending this very email right now)."""
+def lock_delivery(conn: Conn, booking_id: UUID, email_type: EmailType) -> str:
+    """Create the (booking, type) row if needed, lock it and return its state; raises
+    LockNotAvailable when another worker holds it (sending this very email right now)."""
     conn.execute(
         "INSERT INTO email_deliveries (booking_id, email_type, state) VALUES (%s, %s, 'pending')"
         " ON CONFLICT DO NOTHING",
         (booking_id, email_type.value),
     )
     row = conn.execute(
-        "SELECT * FROM email_deliveries WHERE booking_id = %s AND email_type = %s FOR UPDATE NOWAIT",
+        "SELECT state FROM email_deliveries WHERE booking_id = %s AND email_type = %s"
+        " FOR UPDATE NOWAIT",
         (booking_id, email_type.value),
     ).fetchone()
     assert row is not None
-    return dict(row)
+    return str(row["state"])
 
 
 def mark(
@@ -130,4 +116,13 @@ def record_sent(conn: Conn, booking_id: UUID, email_type: EmailType, message_id:
                updated_at = now()
         """,
         (booking_id, email_type.value, message_id),
+    )
+
+
+def schedule_retry(conn: Conn, booking_id: UUID, email_type: EmailType, delay_ms: int) -> None:
+    """Record when the retry Dramatiq just scheduled is due (the reconciler's grace runs from it)."""
+    conn.execute(
+        "UPDATE email_deliveries SET next_attempt_at = now() + %s * interval '1 millisecond'"
+        " WHERE booking_id = %s AND email_type = %s AND state = 'retrying'",
+        (delay_ms, booking_id, email_type.value),
     )

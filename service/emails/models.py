@@ -7,13 +7,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from service.emails.rules import EmailType
+from service.resilience import InvalidMessage
 
 
-class InvalidPayload(ValueError):
+class InvalidPayload(InvalidMessage):
     """The message can never be processed: not retried, dead-lettered with this error."""
 
 
@@ -81,8 +83,6 @@ class BookingView:
     venue_timezone: str
 
     def local_start(self) -> datetime:
-        from zoneinfo import ZoneInfo
-
         return self.starts_at.astimezone(ZoneInfo(self.venue_timezone))
 
 

@@ -1,5 +1,5 @@
-"""Deliver one booking email exactly once: the service function behind the actor and the
-immediate-send fallback.
+"""Deliver one booking email exactly once: the service behind the actor and the immediate-send
+fallback. It loads, asks the pure decisions in ``service.emails.rules``, and writes.
 
 The (booking, type) row in ``email_deliveries`` is locked for the whole send, so two workers
 holding redeliveries of one message cannot both send it, and a row already ``sent`` or
@@ -8,40 +8,32 @@ holding redeliveries of one message cannot both send it, and a row already ``sen
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from enum import StrEnum
+from datetime import datetime
+from email.message import Message
 
 import psycopg
 
-from service.config import get_settings
-from service.db import DatabaseUnavailable, transaction
+from service.db import Database, DatabaseUnavailable
 from service.emails import deliveries
-from service.emails.models import EmailPayload, utcnow
+from service.emails.models import EmailPayload
 from service.emails.render import UnrenderableBooking, message_id, render
-from service.emails.rules import decide
-from service.emails.transport import SmtpError, send_message
+from service.emails.rules import Action, Attempt, after_failure, before_send
+from service.emails.transport import SmtpError
+from service.resilience import PermanentError, ServiceError, TransientError, keep_trying
 
 
-class Outcome(StrEnum):
-    SENT = "sent"
-    SKIPPED = "skipped"
-    DUPLICATE = "duplicate"
-
-
-class DeliveryFailed(Exception):
+class DeliveryFailed(ServiceError):
     """This attempt failed; ``permanent`` failures are never retried."""
 
-    permanent = False
+
+class RetryableDeliveryFailure(DeliveryFailed, TransientError):
+    pass
 
 
-class RetryableDeliveryFailure(DeliveryFailed):
-    permanent = False
-
-
-class PermanentDeliveryFailure(DeliveryFailed):
-    permanent = True
+class PermanentDeliveryFailure(DeliveryFailed, PermanentError):
+    pass
 
 
 class DeliveryInProgress(RetryableDeliveryFailure):
@@ -49,112 +41,104 @@ class DeliveryInProgress(RetryableDeliveryFailure):
 
 
 @dataclass(frozen=True)
-class Attempt:
-    """Which attempt this is: ``number`` counts from 1; ``final`` means no retry follows."""
+class Mailroom:
+    """What delivering an email needs, built by the composition root."""
 
-    number: int
-    final: bool
-
-
-def retry_delay(attempt_number: int) -> timedelta:
-    """Nominal wait before the next attempt (Dramatiq's exponential backoff, without jitter)."""
-    s = get_settings()
-    ms = min(s.email_min_backoff_ms * 2 ** max(attempt_number - 1, 0), s.email_max_backoff_ms)
-    return timedelta(milliseconds=ms)
+    db: Database
+    send: Callable[[Message], None]
+    sender: str
+    sent_record_deadline_seconds: float
+    clock: Callable[[], datetime]
 
 
-def deliver(payload: EmailPayload, attempt: Attempt, now: datetime | None = None) -> Outcome:
-    """Send ``payload``'s email if the booking still calls for it and it was not sent before.
+def deliver(room: Mailroom, payload: EmailPayload, attempt: Attempt) -> Action:
+    """Send ``payload``'s email if the booking still calls for it and it was not sent before;
+    returns what was done (SEND means sent). Raises DeliveryFailed when the attempt failed.
 
-    Every attempt leaves the delivery row saying what happened (sent, skipped, retrying with
-    its next attempt time, or dead with the final error), so nothing depends on the broker.
+    Every attempt leaves the delivery row saying what happened (sent, skipped, retrying, or dead
+    with the final error), so nothing depends on the broker.
     """
-    now = now or utcnow()
-    settings = get_settings()
-    mid = message_id(payload.booking_id, payload.type, settings.email_from)
+    now = room.clock()
+    mid = message_id(payload.booking_id, payload.type, room.sender)
     failure: DeliveryFailed | None = None
     handed_over = False
-    next_try = None if attempt.final else now + retry_delay(attempt.number)
     try:
-        with transaction() as conn:
+        with room.db.transaction() as conn:
             booking = deliveries.load_booking(conn, payload.booking_id)
-            if booking is None:
-                state = "dead" if attempt.final else "retrying"
-                deliveries.record_outside_send(
-                    conn, payload.booking_id, payload.type, state, "booking not found", next_try
-                )
-                failure = RetryableDeliveryFailure(
-                    "booking not found (not visible yet, or deleted)"
-                )
-            else:
+            row_state = None
+            if booking is not None:
                 try:
-                    row = deliveries.lock_delivery(conn, payload.booking_id, payload.type)
+                    row_state = deliveries.lock_delivery(conn, payload.booking_id, payload.type)
                 except psycopg.errors.LockNotAvailable:
                     raise DeliveryInProgress("another worker is sending this email now") from None
-                if row["state"] in ("sent", "skipped"):
-                    return Outcome.DUPLICATE
-                decision = decide(payload.type, booking.status)
-                if not decision.send:
-                    deliveries.mark(
-                        conn,
-                        payload.booking_id,
-                        payload.type,
-                        "skipped",
-                        attempted=False,
-                        skip_reason=decision.reason,
-                    )
-                    return Outcome.SKIPPED
+            verdict = before_send(payload.type, booking.status if booking else None, row_state)
+            if verdict.action is Action.DUPLICATE:
+                return Action.DUPLICATE
+            if verdict.action is Action.SKIP:
+                deliveries.mark(
+                    conn,
+                    payload.booking_id,
+                    payload.type,
+                    "skipped",
+                    attempted=False,
+                    skip_reason=verdict.reason,
+                )
+                return Action.SKIP
+            if booking is None:
+                deliveries.record_outside_send(
+                    conn,
+                    payload.booking_id,
+                    payload.type,
+                    after_failure(permanent=False, final=attempt.final),
+                    "booking not found",
+                    None,
+                )
+                failure = RetryableDeliveryFailure(verdict.reason or "booking not found")
+            else:
                 try:
-                    send_message(render(booking, payload.type, settings.email_from, now))
+                    room.send(render(booking, payload.type, room.sender, now))
                     handed_over = True
                 except UnrenderableBooking as error:
                     failure = PermanentDeliveryFailure(str(error))
                 except SmtpError as error:
                     kind = PermanentDeliveryFailure if error.permanent else RetryableDeliveryFailure
                     failure = kind(str(error))
-                if failure is None:
-                    deliveries.mark(
-                        conn,
-                        payload.booking_id,
-                        payload.type,
-                        "sent",
-                        attempted=True,
-                        message_id=mid,
-                    )
-                else:
-                    dead = failure.permanent or attempt.final
-                    deliveries.mark(
-                        conn,
-                        payload.booking_id,
-                        payload.type,
-                        "dead" if dead else "retrying",
-                        attempted=True,
-                        error=str(failure),
-                        next_attempt_at=None if dead else next_try,
-                    )
+                deliveries.mark(
+                    conn,
+                    payload.booking_id,
+                    payload.type,
+                    "sent"
+                    if failure is None
+                    else after_failure(permanent=failure.permanent, final=attempt.final),
+                    attempted=True,
+                    message_id=mid if failure is None else None,
+                    error=None if failure is None else str(failure),
+                )
     except DatabaseUnavailable:
         if not handed_over:
             raise
-        _record_sent_through_outage(payload, mid, settings.sent_record_deadline_seconds)
+        _record_sent_through_outage(room, payload, mid)
     if failure is not None:
         raise failure
-    return Outcome.SENT
+    return Action.SEND
 
 
-def _record_sent_through_outage(payload: EmailPayload, mid: str, deadline_seconds: float) -> None:
+def _record_sent_through_outage(room: Mailroom, payload: EmailPayload, mid: str) -> None:
     """The SMTP server took the email but Postgres went away before our commit: keep trying to
     record it as sent, so that the retry that would follow does not send it a second time."""
-    deadline = time.monotonic() + deadline_seconds
-    pause = 0.5
-    while True:
-        try:
-            with transaction() as conn:
-                deliveries.record_sent(conn, payload.booking_id, payload.type, mid)
-            return
-        except DatabaseUnavailable:
-            if time.monotonic() + pause > deadline:
-                raise RetryableDeliveryFailure(
-                    "email handed to SMTP but the database stayed unavailable; a retry may resend it"
-                ) from None
-            time.sleep(pause)
-            pause = min(pause * 2, 5.0)
+
+    def record() -> None:
+        with room.db.transaction() as conn:
+            deliveries.record_sent(conn, payload.booking_id, payload.type, mid)
+
+    try:
+        keep_trying(
+            record,
+            retry_on=(DatabaseUnavailable,),
+            deadline_seconds=room.sent_record_deadline_seconds,
+            first_pause=0.5,
+        )
+    except DatabaseUnavailable:
+        raise RetryableDeliveryFailure(
+            "email handed to SMTP but the database stayed unavailable; a retry may resend it"
+        ) from None

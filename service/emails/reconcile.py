@@ -8,15 +8,16 @@ one runner, which alone sends it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from uuid import UUID
 
-from service.config import get_settings
-from service.db import pool, transaction
-from service.emails.deliveries import Conn
+from service.config import Settings
+from service.db import Conn, Database
 from service.emails.models import EmailPayload
 from service.emails.rules import EXPECTED_FOR_STATUS, EmailType
+from service.metrics import RECONCILER_REQUEUED
 
 _CLAIM_STUCK = """
 UPDATE email_deliveries d
@@ -57,8 +58,7 @@ class ReconcileReport:
         return len(self.missing) + len(self.stuck)
 
 
-def _params(limit: int, grace: timedelta | None) -> dict[str, object]:
-    settings = get_settings()
+def _params(settings: Settings, limit: int, grace: timedelta | None) -> dict[str, object]:
     return {
         "grace": grace
         if grace is not None
@@ -79,30 +79,36 @@ def _claim(conn: Conn, params: dict[str, object]) -> ReconcileReport:
     return report
 
 
-def claim(limit: int = 1000, grace: timedelta | None = None) -> ReconcileReport:
+def claim(
+    db: Database, settings: Settings, limit: int = 1000, grace: timedelta | None = None
+) -> ReconcileReport:
     """Claim the emails to send again; each claim pushes its row's next attempt one grace ahead."""
-    with transaction() as conn:
-        return _claim(conn, _params(limit, grace))
+    with db.transaction() as conn:
+        return _claim(conn, _params(settings, limit, grace))
 
 
-def preview(limit: int = 1000, grace: timedelta | None = None) -> ReconcileReport:
+def preview(
+    db: Database, settings: Settings, limit: int = 1000, grace: timedelta | None = None
+) -> ReconcileReport:
     """What ``claim`` would take, computed in a transaction that is rolled back."""
-    with pool().connection() as conn:
-        report = _claim(conn, _params(limit, grace))
+    with db.connection() as conn:
+        report = _claim(conn, _params(settings, limit, grace))
         conn.rollback()
     return report
 
 
-def reconcile(limit: int = 1000, grace: timedelta | None = None) -> ReconcileReport:
-    """Claim, then hand each email to ``send_booking_email.send`` (the flag picks queue or now)."""
-    from service.actors.emails import send_booking_email
-    from service.metrics import RECONCILER_REQUEUED
-
-    report = claim(limit, grace)
+def reconcile(
+    db: Database,
+    settings: Settings,
+    enqueue: Callable[[EmailPayload], None],
+    limit: int = 1000,
+    grace: timedelta | None = None,
+) -> ReconcileReport:
+    """Claim, then hand each email to ``enqueue`` (``send_booking_email.send``: the flag picks
+    the queue or an immediate send)."""
+    report = claim(db, settings, limit, grace)
     for reason, items in (("missing", report.missing), ("stuck", report.stuck)):
         for booking_id, email_type in items:
-            send_booking_email.send(
-                **EmailPayload(booking_id=booking_id, type=email_type).as_kwargs()
-            )
+            enqueue(EmailPayload(booking_id=booking_id, type=email_type))
             RECONCILER_REQUEUED.labels(email_type.value, reason).inc()
     return report

@@ -9,25 +9,24 @@ from dataclasses import dataclass
 from email.message import Message
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from service.config import get_settings
+from service.config import Settings
+from service.resilience import PermanentError, ServiceError, TransientError
 
 
-class SmtpError(Exception):
+class SmtpError(ServiceError):
     """A send failed; ``permanent`` says whether retrying could ever help."""
-
-    permanent = False
 
     def __init__(self, message: str, code: int | None = None) -> None:
         super().__init__(message)
         self.code = code
 
 
-class TransientSmtpError(SmtpError):
-    permanent = False
+class TransientSmtpError(SmtpError, TransientError):
+    pass
 
 
-class PermanentSmtpError(SmtpError):
-    permanent = True
+class PermanentSmtpError(SmtpError, PermanentError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -134,20 +133,39 @@ class SmtpTransport:
                 conn.close()
 
 
-_local = threading.local()
+class Mailer:
+    """One SMTP transport per thread (smtplib connections are not thread-safe), built from a
+    target parsed once when the process starts."""
 
+    def __init__(self, target: SmtpTarget, timeout: float, ca_file: str | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.ca_file = ca_file
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[SmtpTransport] = []
 
-def get_transport() -> SmtpTransport:
-    """The calling thread's transport, built from SMTP_URL on first use."""
-    transport: SmtpTransport | None = getattr(_local, "transport", None)
-    if transport is None:
-        settings = get_settings()
-        target = SmtpTarget.from_url(settings.smtp_url.get_secret_value())
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Mailer:
+        target = SmtpTarget.from_url(settings.secret("smtp_url"))
         ca_file = str(settings.smtp_ca_file) if settings.smtp_ca_file else None
-        transport = SmtpTransport(target, settings.smtp_timeout_seconds, ca_file)
-        _local.transport = transport
-    return transport
+        return cls(target, settings.smtp_timeout_seconds, ca_file)
 
+    def transport(self) -> SmtpTransport:
+        transport: SmtpTransport | None = getattr(self._local, "transport", None)
+        if transport is None:
+            transport = SmtpTransport(self.target, self.timeout, self.ca_file)
+            self._local.transport = transport
+            with self._lock:
+                self._all.append(transport)
+        return transport
 
-def send_message(message: Message) -> None:
-    get_transport().send(message)
+    def send(self, message: Message) -> None:
+        """Hand ``message`` to the server; raises TransientSmtpError or PermanentSmtpError."""
+        self.transport().send(message)
+
+    def close_all(self) -> None:
+        with self._lock:
+            transports, self._all = self._all, []
+        for transport in transports:
+            transport.close()

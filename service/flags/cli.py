@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import typer
 
-from service import flags
+from service.flags import Flags
 
 app = typer.Typer(
     help="Feature flags: effective values and their source (unleash, cache, environment default).",
@@ -38,7 +38,8 @@ def show(
         return
     for noisy in ("UnleashClient", "urllib3", "apscheduler"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    rows, state = flags.status(venue, wait=wait)
+    app_flags: Flags = ctx.obj.flags
+    rows, state = app_flags.status(venue, wait=wait)
     if as_json:
         typer.echo(
             json.dumps(
@@ -88,4 +89,4 @@ def show(
             typer.echo(
                 "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
             )
-    flags.shutdown()
+    app_flags.stop()

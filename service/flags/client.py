@@ -30,7 +30,7 @@ from UnleashClient.clients.unleash_client import UnleashClient
 from UnleashClient.constants import ETAG, FEATURES_URL
 from UnleashClient.utils import InstanceAllowType
 
-from service.config import Settings, get_settings
+from service.config import Settings
 from service.logs import get_logger
 
 log = get_logger(__name__)
@@ -353,19 +353,6 @@ class _Slot:
     retry_at: float
 
 
-_lock = threading.Lock()
-_slot: _Slot | None = None
-
-
-def _forget_after_fork() -> None:
-    global _lock, _slot
-    _lock = threading.Lock()
-    _slot = None
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
-
-
 def _create(settings: Settings) -> _Slot:
     pid = os.getpid()
     if settings.unleash_url is None:
@@ -383,31 +370,41 @@ def _create(settings: Settings) -> _Slot:
     return _Slot(pid, client, float("inf"))
 
 
-def get_client() -> FlagClient | None:
-    """This process's client, created on first use; ``None`` when Unleash is not configured."""
-    global _slot
-    slot = _slot
-    if (
-        slot is not None
-        and slot.pid == os.getpid()
-        and (slot.client is not None or time.monotonic() < slot.retry_at)
-    ):
-        return slot.client
-    with _lock:
-        slot = _slot
-        if (
-            slot is None
-            or slot.pid != os.getpid()
-            or (slot.client is None and time.monotonic() >= slot.retry_at)
-        ):
-            slot = _slot = _create(get_settings())
-        return slot.client
+class ClientHolder:
+    """This process's client: created on first use, rebuilt in a forked child (the SDK is not
+    fork-safe), retried one refresh interval after a failed creation; ``None`` when Unleash is
+    not configured."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._slot: _Slot | None = None
+        os.register_at_fork(after_in_child=self._forget)
 
-def close_client(wait: float = 0.0) -> None:
-    """Stop this process's client; the next evaluation builds a new one from the settings."""
-    global _slot
-    with _lock:
-        slot, _slot = _slot, None
-    if slot is not None and slot.client is not None and slot.pid == os.getpid():
-        slot.client.stop(wait)
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._slot = None
+
+    def _usable(self, slot: _Slot | None) -> bool:
+        return (
+            slot is not None
+            and slot.pid == os.getpid()
+            and (slot.client is not None or time.monotonic() < slot.retry_at)
+        )
+
+    def get(self) -> FlagClient | None:
+        slot = self._slot
+        if slot is not None and self._usable(slot):
+            return slot.client
+        with self._lock:
+            slot = self._slot
+            if slot is None or not self._usable(slot):
+                slot = self._slot = _create(self.settings)
+            return slot.client
+
+    def close(self, wait: float = 0.0) -> None:
+        """Stop this process's client; the next evaluation builds a new one."""
+        with self._lock:
+            slot, self._slot = self._slot, None
+        if slot is not None and slot.client is not None and slot.pid == os.getpid():
+            slot.client.stop(wait)

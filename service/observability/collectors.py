@@ -15,9 +15,13 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import pika.exceptions
+import psycopg
+import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.amqp import connect
 from service.config import Settings
 from service.logs import get_logger
 from service.observability.heartbeat import read_records, record_is_current
@@ -79,8 +83,6 @@ class RedisQueues:
     name = "queues"
 
     def __init__(self, url: str, queues: Callable[[], Sequence[str]]) -> None:
-        import redis
-
         self.client = redis.Redis.from_url(
             url,
             socket_connect_timeout=BACKEND_TIMEOUT_SECONDS,
@@ -141,13 +143,9 @@ class RabbitQueues:
         self.queues = queues
 
     def _connect(self) -> Any:
-        from service.amqp import connect
-
         return connect(self.url, timeout=BACKEND_TIMEOUT_SECONDS)
 
     def collect(self) -> list[Metric]:
-        import pika.exceptions
-
         queues = list(self.queues())
         if not queues:
             return []
@@ -199,8 +197,6 @@ class Database:
 
     def run(self, work: Callable[[Any], T]) -> T:
         """``work(connection)`` under this object's lock; a failure drops the connection."""
-        import psycopg
-
         with self._lock:
             try:
                 if self._conn is None or self._conn.closed:
@@ -242,28 +238,6 @@ class Outbox:
                 "Age of the oldest undelivered outbox event; 0 when none is pending.",
                 float(oldest),
             ),
-        ]
-
-
-class InvalidHolds:
-    """Active, unexpired holds whose metadata fails validation, counted by the same check as
-    ``holds audit`` (it re-validates only holds that changed since the previous scrape)."""
-
-    name = "holds"
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def collect(self) -> list[Metric]:
-        from service.capacity.audit import count_active_holds_by_validity
-
-        counts = self.db.run(count_active_holds_by_validity)
-        return [
-            GaugeMetricFamily(
-                "booking_holds_invalid_active",
-                "Active (unexpired, unconfirmed) holds whose metadata fails validation.",
-                counts["invalid"],
-            )
         ]
 
 
@@ -349,13 +323,19 @@ class ScrapeCollector(Collector):
         yield from (up, errors, duration)
 
 
-def build_sources(settings: Settings, *, queues: bool) -> list[Source]:
-    """The scrape-time sources of a pod: queue depths (worker pods), Postgres, heartbeats."""
+def build_sources(
+    settings: Settings,
+    *,
+    queues: bool,
+    features: Sequence[Callable[[Database], Source]] = (),
+) -> list[Source]:
+    """The scrape-time sources of a pod: queue depths (worker pods), the outbox, heartbeats, and
+    the ones features register (each made from the collectors' database connection)."""
     health_file = settings.health_file
-    db = Database(settings.database_url.get_secret_value())
-    sources: list[Source] = [Outbox(db), InvalidHolds(db), Heartbeats(health_file)]
+    db = Database(settings.secret("database_url"))
+    sources: list[Source] = [Outbox(db), *(make(db) for make in features), Heartbeats(health_file)]
     if queues:
-        url = settings.broker_url.get_secret_value()
+        url = settings.secret("broker_url")
 
         def declared() -> list[str]:
             return worker_queues(current_records(health_file))

@@ -10,6 +10,7 @@ which serves the same way from a thread of their own.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -18,9 +19,9 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import multiprocess as prom_multiprocess
 
-from service.config import Settings, get_settings
-from service.logs import configure, get_logger
-from service.observability.collectors import ScrapeCollector, build_sources
+from service.config import Settings
+from service.logs import get_logger
+from service.observability.collectors import ScrapeCollector, Source
 from service.observability.heartbeat import is_running
 
 log = get_logger(__name__)
@@ -58,7 +59,7 @@ class _Refresh:
         return []
 
 
-def build_registry(settings: Settings, *, queues: bool) -> CollectorRegistry:
+def build_registry(sources: list[Source]) -> CollectorRegistry:
     """Multiprocess values (or this process's own registry without multiprocess mode) plus the
     scrape-time collectors."""
     directory = multiprocess_dir()
@@ -71,7 +72,7 @@ def build_registry(settings: Settings, *, queues: bool) -> CollectorRegistry:
         from prometheus_client import REGISTRY
 
         registry.register(_Delegate(REGISTRY))
-    registry.register(ScrapeCollector(build_sources(settings, queues=queues)))
+    registry.register(ScrapeCollector(sources))
     return registry
 
 
@@ -108,31 +109,40 @@ def _handler(registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
 
 
 def make_server(
-    settings: Settings,
-    *,
-    queues: bool,
-    port: int | None = None,
-    host: str = "0.0.0.0",  # noqa: S104
+    settings: Settings, sources: list[Source], port: int | None = None
 ) -> ThreadingHTTPServer:
-    registry = build_registry(settings, queues=queues)
-    server = ThreadingHTTPServer(
-        (host, settings.metrics_port if port is None else port), _handler(registry)
-    )
+    registry = build_registry(sources)
+    address = (settings.metrics_bind_address, settings.metrics_port if port is None else port)
+    server = ThreadingHTTPServer(address, _handler(registry))
     server.daemon_threads = True
     return server
 
 
-def run_worker_exposition() -> int:
-    """Fork entry point of the Dramatiq CLI: serve the worker pod's metrics until SIGTERM."""
-    settings = get_settings()
-    configure(settings.log_level, settings.log_format)
+def _unavailable(settings: Settings, error: OSError) -> None:
+    log.error(
+        "metrics port unavailable; carrying on without /metrics",
+        address=settings.metrics_bind_address,
+        port=settings.metrics_port,
+        error=str(error),
+    )
+
+
+def run_worker_exposition(settings: Settings, sources: list[Source]) -> int:
+    """The worker pod's metrics until SIGTERM (the Dramatiq CLI forks a process for it).
+
+    A taken port is logged and the pod carries on without metrics (the fork then just waits for
+    the shutdown, since Dramatiq stops every process when one of its forks exits).
+    """
     if multiprocess_dir() is None:
         log.warning("PROMETHEUS_MULTIPROC_DIR is not set: worker processes' metrics are missing")
     try:
-        server = make_server(settings, queues=True)
+        server = make_server(settings, sources)
     except OSError as error:
-        log.error("metrics port unavailable", port=settings.metrics_port, error=str(error))
-        return 1
+        _unavailable(settings, error)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop.wait()
+        return 0
     log.info("metrics exposition listening", port=server.server_address[1])
     try:
         server.serve_forever()
@@ -141,18 +151,20 @@ def run_worker_exposition() -> int:
     return 0
 
 
-_served: ThreadingHTTPServer | None = None
-
-
-def serve_metrics(port: int | None = None, *, queues: bool = False) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` from a daemon thread of this process (once); returns the server.
+def serve_metrics(
+    settings: Settings, sources: list[Source], port: int | None = None
+) -> ThreadingHTTPServer | None:
+    """Serve ``/metrics`` from a daemon thread of this process; returns the server, or None
+    when the port is taken (logged; the process carries on without metrics).
 
     For processes outside Dramatiq (the outbox relay). Scrape-time gauges from Postgres and the
-    heartbeat records are included; queue depths only with ``queues=True``.
+    heartbeat records are included, as ``sources`` says.
     """
-    global _served
-    if _served is None:
-        _served = make_server(get_settings(), queues=queues, port=port)
-        threading.Thread(target=_served.serve_forever, name="metrics", daemon=True).start()
-        log.info("metrics exposition listening", port=_served.server_address[1])
-    return _served
+    try:
+        server = make_server(settings, sources, port)
+    except OSError as error:
+        _unavailable(settings, error)
+        return None
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics exposition listening", port=server.server_address[1])
+    return server

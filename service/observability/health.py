@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import redis
 import typer
 
-from service.config import Settings, get_settings
+from service.amqp import connect
+from service.config import Settings
 from service.observability.heartbeat import is_running, read_records, record_is_current
 
 READINESS_TIMEOUT_SECONDS = 2.0
@@ -75,14 +78,10 @@ def liveness(settings: Settings, now: float | None = None) -> Verdict:
 
 
 def _check_broker(settings: Settings) -> None:
-    url = settings.broker_url.get_secret_value()
+    url = settings.secret("broker_url")
     if settings.broker_kind == "rabbitmq":
-        from service.amqp import connect
-
         connect(url, timeout=READINESS_TIMEOUT_SECONDS).close()
         return
-    import redis
-
     client = redis.Redis.from_url(
         url,
         socket_connect_timeout=READINESS_TIMEOUT_SECONDS,
@@ -95,10 +94,8 @@ def _check_broker(settings: Settings) -> None:
 
 
 def _check_database(settings: Settings) -> None:
-    import psycopg
-
     with psycopg.connect(
-        settings.database_url.get_secret_value(),
+        settings.secret("database_url"),
         connect_timeout=max(1, int(READINESS_TIMEOUT_SECONDS)),
         options=f"-c statement_timeout={int(READINESS_TIMEOUT_SECONDS * 1000)}",
         autocommit=True,
@@ -137,6 +134,7 @@ def forget_own_metric_files() -> None:
 
 
 def health(
+    ctx: typer.Context,
     check_liveness: bool = typer.Option(
         False, "--liveness", help="This pod's processes heartbeat and none is stuck (no network)."
     ),
@@ -147,7 +145,7 @@ def health(
     """Probe for Kubernetes: exit 0 when healthy, else 1 with a one-line reason."""
     if not (check_liveness or check_readiness):
         check_liveness = True
-    settings = get_settings()
+    settings: Settings = ctx.obj.settings
     verdicts = []
     if check_liveness:
         verdicts.append(liveness(settings))

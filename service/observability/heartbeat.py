@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.config import Settings
 from service.logs import get_logger
 
 log = get_logger(__name__)
@@ -220,25 +221,14 @@ def interval_for(max_age_seconds: float) -> float:
     return max(0.5, min(5.0, max_age_seconds / 4))
 
 
-_process_heartbeat: Heartbeat | None = None
-_process_lock = threading.Lock()
+def heartbeat(settings: Settings, role: str = "relay") -> Heartbeat:
+    """Start and return a heartbeat for this process, for processes outside Dramatiq.
 
-
-def heartbeat(role: str = "relay") -> Heartbeat:
-    """Start (once per process) and return this process's heartbeat, for non-Dramatiq processes.
-
-    Wrap each unit of work in ``heartbeat().task(name, limit_seconds)`` so that the liveness
+    Wrap each unit of work in ``beat.task(name, limit_seconds)`` so that the liveness
     probe fails when one hangs past its limit; the record itself is refreshed by a thread.
     """
-    global _process_heartbeat
-    from service.config import get_settings
-
-    with _process_lock:
-        if _process_heartbeat is None or _process_heartbeat.pid != os.getpid():
-            settings = get_settings()
-            _process_heartbeat = Heartbeat(
-                health_file=settings.health_file,
-                role=role,
-                interval=interval_for(settings.health_max_age_seconds),
-            ).start()
-        return _process_heartbeat
+    return Heartbeat(
+        health_file=settings.health_file,
+        role=role,
+        interval=interval_for(settings.health_max_age_seconds),
+    ).start()

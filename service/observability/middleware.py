@@ -6,25 +6,19 @@ in-process ``dramatiq.Worker`` in tests gets neither metrics files nor heartbeat
 
 from __future__ import annotations
 
-import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 from dramatiq.middleware import Middleware, TimeLimit
+from dramatiq.middleware import prometheus as _dramatiq_prometheus
 
-from service.config import get_settings
+from service.config import Settings
 from service.logs import get_logger
 from service.observability.heartbeat import Heartbeat, interval_for
 
 log = get_logger(__name__)
-
-_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-if os.environ.get(_MULTIPROC_ENV):
-    os.environ.setdefault("dramatiq_prom_db", os.environ[_MULTIPROC_ENV])
-
-from dramatiq.middleware import prometheus as _dramatiq_prometheus  # noqa: E402
 
 
 class DramatiqMetrics(_dramatiq_prometheus.Prometheus):
@@ -35,25 +29,24 @@ class DramatiqMetrics(_dramatiq_prometheus.Prometheus):
     booted, so producers and in-process test workers are unaffected.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings, exposition: Callable[[], int]) -> None:
         super().__init__()
+        self.settings = settings
+        self.exposition = exposition
         self.booted = False
 
     @property
     def forks(self) -> list[Any]:
-        from service.observability.exposition import run_worker_exposition
-
-        return [run_worker_exposition]
+        return [self.exposition]
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        directory = os.environ.get(_MULTIPROC_ENV)
-        if not directory:
+        directory = self.settings.prometheus_multiproc_dir
+        if directory is None:
             log.warning(
                 "PROMETHEUS_MULTIPROC_DIR is not set: this worker process's metrics are not exported"
             )
             return
-        os.makedirs(directory, exist_ok=True)
-        _dramatiq_prometheus.DB_PATH = directory
+        _dramatiq_prometheus.DB_PATH = str(directory)
         super().after_process_boot(broker)
         self.booted = True
 
@@ -112,7 +105,8 @@ class WorkerHeartbeat(Middleware):
     memory (RabbitMQ only reports the ones still in the broker).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.booted = False
         self.heartbeat: Heartbeat | None = None
         self._worker: Any = None
@@ -125,7 +119,7 @@ class WorkerHeartbeat(Middleware):
     def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         if not self.booted:
             return
-        settings = get_settings()
+        settings = self.settings
         self._worker = worker
         queues = sorted(q for q in broker.get_declared_queues() if not q.endswith((".DQ", ".XQ")))
         self.heartbeat = Heartbeat(

@@ -11,8 +11,12 @@ from typing import Any
 
 import typer
 
-from service.db import transaction
+from service.app import App
+from service.config import SERVICE
+from service.db import Database
+from service.observability import heartbeat, serve_metrics
 from service.outbox import store
+from service.outbox.relay import Relay
 
 app = typer.Typer(
     help="Transactional outbox: relay, inspection and requeueing.", no_args_is_help=True
@@ -21,8 +25,15 @@ app = typer.Typer(
 _STATUSES = ("pending", "delivered", "dead", "all")
 
 
+def _db(ctx: typer.Context) -> Database:
+    app_: App = ctx.obj
+    app_.settings.require("database_url")
+    return app_.db
+
+
 @app.command()
 def relay(
+    ctx: typer.Context,
     once: bool = typer.Option(False, "--once", help="Deliver what is due now, then exit."),
     batch_size: int = typer.Option(10, min=1, max=500, help="Events claimed per statement."),
     lease_seconds: float = typer.Option(
@@ -30,9 +41,15 @@ def relay(
     ),
 ) -> None:
     """Deliver outbox events; long-running unless --once. Stops cleanly on SIGTERM/SIGINT."""
-    from service.outbox.relay import Relay
-
-    worker = Relay(batch_size=batch_size, lease_seconds=lease_seconds or None)
+    app_: App = ctx.obj
+    app_.settings.require(*SERVICE)
+    worker = Relay(
+        app_.db,
+        app_.settings,
+        app_.outbox_handlers,
+        batch_size=batch_size,
+        lease_seconds=lease_seconds or None,
+    )
     if once:
         result = worker.run_once()
         typer.echo(
@@ -43,10 +60,8 @@ def relay(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    from service.observability import heartbeat, serve_metrics
-
-    serve_metrics()
-    beat = heartbeat("relay")
+    serve_metrics(app_.settings, app_.scrape_sources(queues=False))
+    beat = heartbeat(app_.settings, "relay")
     try:
         worker.run_forever(stop, lambda: beat.task("outbox-relay-batch", worker.lease_seconds))
     finally:
@@ -63,6 +78,7 @@ def _cell(value: Any) -> str:
 
 @app.command("list")
 def list_events(
+    ctx: typer.Context,
     status: str = typer.Option("pending", help="pending, delivered, dead or all."),
     limit: int = typer.Option(50, min=1, max=10_000),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per line."),
@@ -70,7 +86,7 @@ def list_events(
     """Newest events first (payloads are not shown)."""
     if status not in _STATUSES:
         raise typer.BadParameter(f"status must be one of {', '.join(_STATUSES)}")
-    with transaction() as conn:
+    with _db(ctx).transaction() as conn:
         rows = store.list_events(conn, status=None if status == "all" else status, limit=limit)
     columns = (
         "id",
@@ -89,9 +105,9 @@ def list_events(
 
 
 @app.command()
-def stats(as_json: bool = typer.Option(False, "--json")) -> None:
+def stats(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Pending, due, claimed, delivered and dead counts, and the oldest pending event's age."""
-    with transaction() as conn:
+    with _db(ctx).transaction() as conn:
         numbers = store.stats(conn)
     if as_json:
         typer.echo(json.dumps(numbers))
@@ -102,13 +118,15 @@ def stats(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command()
-def requeue(event_id: str = typer.Argument(..., help="Id of a dead event.")) -> None:
+def requeue(
+    ctx: typer.Context, event_id: str = typer.Argument(..., help="Id of a dead event.")
+) -> None:
     """Give a dead event a fresh attempt budget and make it due now."""
     try:
         parsed = uuid.UUID(event_id)
     except ValueError:
         raise typer.BadParameter("not a UUID") from None
-    with transaction() as conn:
+    with _db(ctx).transaction() as conn:
         done = store.requeue(conn, parsed)
     if not done:
         typer.echo("no dead event with that id", err=True)

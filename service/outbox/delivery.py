@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from service.config import get_settings
-from service.db import transaction
-from service.emails.transport import PermanentSmtpError, TransientSmtpError, send_message
+from service.config import Settings
+from service.db import Database
+from service.emails.transport import PermanentSmtpError, TransientSmtpError
 from service.logs import get_logger
 from service.outbox.notifications import Notification
 from service.outbox.signing import signed_headers
@@ -50,14 +50,23 @@ Formatter = Callable[[dict[str, Any]], Notification]
 
 
 @dataclass(frozen=True)
+class Postbox:
+    """What delivering a notification needs, built by the composition root."""
+
+    db: Database
+    send: Callable[[EmailMessage], None]
+    settings: Settings
+
+
+@dataclass(frozen=True)
 class VenueContacts:
     name: str
     admin_emails: list[str]
     webhook_url: str | None
 
 
-def load_venue_contacts(venue_id: uuid.UUID) -> VenueContacts | None:
-    with transaction() as conn:
+def load_venue_contacts(db: Database, venue_id: uuid.UUID) -> VenueContacts | None:
+    with db.transaction() as conn:
         row = conn.execute(
             "SELECT name, admin_emails, webhook_url FROM venues WHERE id = %s", (venue_id,)
         ).fetchone()
@@ -82,9 +91,8 @@ def message_id(dedupe_key: str, sender: str) -> str:
 
 
 def build_email(
-    event: OutboxEvent, notification: Notification, recipients: list[str]
+    sender: str, event: OutboxEvent, notification: Notification, recipients: list[str]
 ) -> EmailMessage:
-    sender = get_settings().email_from
     message = EmailMessage()
     message["Subject"] = notification.subject
     message["From"] = sender
@@ -117,9 +125,10 @@ def webhook_body(event: OutboxEvent, notification: Notification) -> bytes:
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
-def post_webhook(url: str, event: OutboxEvent, notification: Notification) -> None:
+def post_webhook(
+    settings: Settings, url: str, event: OutboxEvent, notification: Notification
+) -> None:
     """POST the signed JSON document; raises DeliveryError classified by the outcome."""
-    settings = get_settings()
     if settings.webhook_signing_secret is None:
         raise DeliveryError("WEBHOOK_SIGNING_SECRET is not set; refusing to send unsigned")
     body = webhook_body(event, notification)
@@ -156,13 +165,14 @@ def post_webhook(url: str, event: OutboxEvent, notification: Notification) -> No
 class AdminNotificationHandler:
     """Formats an event and sends it to the venue's admins by email and, if set, by webhook."""
 
-    def __init__(self, formatter: Formatter) -> None:
+    def __init__(self, formatter: Formatter, postbox: Postbox) -> None:
         self.formatter = formatter
+        self.postbox = postbox
 
     def __call__(self, event: OutboxEvent, delivered: set[str]) -> None:
         if event.venue_id is None:
             raise DeliveryError("event names no venue", permanent=True)
-        venue = load_venue_contacts(event.venue_id)
+        venue = load_venue_contacts(self.postbox.db, event.venue_id)
         if venue is None:
             raise DeliveryError("venue not found", permanent=True)
         try:
@@ -174,7 +184,9 @@ class AdminNotificationHandler:
             targets[EMAIL_TARGET] = lambda: self._email(event, notification, venue.admin_emails)
         if venue.webhook_url:
             url = venue.webhook_url
-            targets[WEBHOOK_TARGET] = lambda: post_webhook(url, event, notification)
+            targets[WEBHOOK_TARGET] = lambda: post_webhook(
+                self.postbox.settings, url, event, notification
+            )
         if not targets:
             raise DeliveryError("venue has neither admin emails nor a webhook", permanent=True)
         failures: list[DeliveryError] = []
@@ -196,10 +208,10 @@ class AdminNotificationHandler:
                 permanent=all(f.permanent for f in failures),
             )
 
-    @staticmethod
-    def _email(event: OutboxEvent, notification: Notification, recipients: list[str]) -> None:
+    def _email(self, event: OutboxEvent, notification: Notification, recipients: list[str]) -> None:
+        sender = self.postbox.settings.sender
         try:
-            send_message(build_email(event, notification, recipients))
+            self.postbox.send(build_email(sender, event, notification, recipients))
         except TransientSmtpError as error:
             raise DeliveryError(f"email: {error}") from error
         except PermanentSmtpError as error:

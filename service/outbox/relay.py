@@ -16,13 +16,14 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
-from service.config import get_settings
-from service.db import DatabaseUnavailable, transaction
+from service.config import Settings
+from service.db import Database, DatabaseUnavailable
 from service.logs import get_logger
 from service.metrics import OUTBOX_EVENTS
 from service.outbox import store
 from service.outbox.delivery import DeliveryError, Handler
 from service.outbox.store import OutboxEvent
+from service.resilience import backoff_ms
 
 log = get_logger(__name__)
 
@@ -50,7 +51,7 @@ class RelayResult:
 
 def backoff_seconds(attempts: int, minimum: float, maximum: float = MAX_BACKOFF_SECONDS) -> float:
     """Delay before the attempt after ``attempts`` failed ones: ``minimum * 2**(attempts-1)``."""
-    return float(min(maximum, minimum * 2 ** max(0, attempts - 1)))
+    return backoff_ms(attempts, int(minimum * 1000), int(maximum * 1000)) / 1000
 
 
 class Relay:
@@ -58,18 +59,16 @@ class Relay:
 
     def __init__(
         self,
-        handlers: Mapping[str, Handler] | None = None,
+        db: Database,
+        settings: Settings,
+        handlers: Mapping[str, Handler],
         *,
         batch_size: int = 10,
         lease_seconds: float | None = None,
         max_attempts: int | None = None,
         min_backoff_seconds: float | None = None,
     ) -> None:
-        if handlers is None:
-            from service.outbox.registry import HANDLERS
-
-            handlers = HANDLERS
-        settings = get_settings()
+        self.db = db
         self.handlers = handlers
         self.batch_size = batch_size
         per_event = settings.smtp_timeout_seconds + settings.webhook_timeout_seconds
@@ -81,7 +80,7 @@ class Relay:
     def run_batch(self) -> RelayResult:
         """Claim one batch and deliver it."""
         token = uuid.uuid4()
-        with transaction() as conn:
+        with self.db.transaction() as conn:
             events = store.claim_due(
                 conn, limit=self.batch_size, lease_seconds=self.lease_seconds, token=token
             )
@@ -147,7 +146,7 @@ class Relay:
             log.exception("outbox handler crashed", event_id=str(event.id))
             self._failed(event, delivered, f"{type(error).__name__}: {error}", False, result)
         else:
-            with transaction() as conn:
+            with self.db.transaction() as conn:
                 kept = store.mark_delivered(conn, event, delivered)
             self._count(event, "delivered" if kept else None, result)
 
@@ -163,7 +162,7 @@ class Relay:
             self._dead(event, delivered, error, result)
             return
         delay = backoff_seconds(event.attempts, self.min_backoff)
-        with transaction() as conn:
+        with self.db.transaction() as conn:
             kept = store.mark_retry(conn, event, delivered, error, delay)
         log.info(
             "outbox event will be retried",
@@ -177,7 +176,7 @@ class Relay:
     def _dead(
         self, event: OutboxEvent, delivered: set[str], error: str, result: RelayResult
     ) -> None:
-        with transaction() as conn:
+        with self.db.transaction() as conn:
             kept = store.mark_dead(conn, event, delivered, error)
         log.error(
             "outbox event is dead",

@@ -9,9 +9,11 @@ from collections.abc import Callable, Iterator
 from email import policy
 from typing import Any
 
+import dramatiq
 import psycopg
 import pytest
 
+from service.app import App
 from tests.factories import insert_booking, insert_venue
 
 QUEUE = "pending-booking-emails"
@@ -29,16 +31,12 @@ def eventually(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
 
 
 @pytest.fixture
-def broker(service_env: dict[str, str]) -> Any:
-    from service.actors.emails import send_booking_email
-
-    return send_booking_email.broker
+def broker(app: App) -> dramatiq.Broker:
+    return app.broker
 
 
 @pytest.fixture
-def worker(broker: Any) -> Iterator[Any]:
-    import dramatiq
-
+def worker(broker: dramatiq.Broker) -> Iterator[dramatiq.Worker]:
     w = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
     w.start()
     yield w

@@ -13,6 +13,12 @@ from typing import Any
 
 import redis
 
+from service.actors.emails import send_booking_email
+from service.app import App
+from service.emails.models import EmailPayload
+from service.emails.pipeline import deliver
+from service.emails.reconcile import ReconcileReport, claim, reconcile
+from service.emails.rules import Action, Attempt
 from tests.emails.conftest import QUEUE, Db, eventually, received, received_for
 from tests.harness.servers import RedisServer, SmtpSink, free_port
 
@@ -180,6 +186,13 @@ def test_scheduled_for_future_is_delayed_and_past_goes_now(
     assert sent_at >= now + timedelta(seconds=2)
 
 
+def _reconcile(app: App, grace: timedelta) -> ReconcileReport:
+    def enqueue(payload: EmailPayload) -> None:
+        send_booking_email.send(**payload.as_kwargs())
+
+    return reconcile(app.db, app.settings, enqueue, grace=grace)
+
+
 def _producer(
     env: dict[str, str], booking: Any, email_type: str
 ) -> subprocess.CompletedProcess[str]:
@@ -211,11 +224,9 @@ def test_broker_down_at_send_falls_back_to_immediate_send(
 
 
 def test_broker_and_smtp_down_records_pending_then_reconcile_sends(
-    db: Db, smtp_sink: SmtpSink, service_env: dict[str, str], broker: Any, worker: Any
+    db: Db, smtp_sink: SmtpSink, app: App, broker: Any, worker: Any
 ) -> None:
     from datetime import timedelta
-
-    from service.emails.reconcile import reconcile
 
     booking = db.booking(status="pending")
     env = {
@@ -227,18 +238,16 @@ def test_broker_and_smtp_down_records_pending_then_reconcile_sends(
     assert result.returncode == 0, result.stderr
     row = db.delivery(booking, "request_received")
     assert row is not None and row["state"] == "pending"
-    report = reconcile(grace=timedelta(0))
+    report = _reconcile(app, grace=timedelta(0))
     assert report.stuck == [(booking, row["email_type"])]
     eventually(lambda: (r := db.delivery(booking, "request_received")) and r["state"] == "sent")
     assert len(received_for(smtp_sink, booking)) == 1
 
 
 def test_reconcile_recovers_everything_after_redis_loses_its_data(
-    db: Db, smtp_sink: SmtpSink, service_env: dict[str, str], broker: Any
+    db: Db, smtp_sink: SmtpSink, app: App, broker: Any
 ) -> None:
     import dramatiq
-
-    from service.emails.reconcile import reconcile
 
     bookings = [
         db.booking(status="confirmed", status_changed_at=datetime.now(UTC) - timedelta(minutes=10))
@@ -251,9 +260,9 @@ def test_reconcile_recovers_everything_after_redis_loses_its_data(
     client = redis.Redis.from_url(os.environ["BROKER_URL"])
     assert client.llen(f"dramatiq:{QUEUE}") == 20
     client.flushall()  # Redis loses everything before any worker ran
-    report = reconcile(grace=timedelta(minutes=5))
+    report = _reconcile(app, grace=timedelta(minutes=5))
     assert sorted(b for b, _ in report.missing) == sorted(bookings)
-    second = reconcile(grace=timedelta(minutes=5))
+    second = _reconcile(app, grace=timedelta(minutes=5))
     assert second.total == 0  # claimed rows are not re-sent by the next run
     w = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
     w.start()
@@ -265,9 +274,7 @@ def test_reconcile_recovers_everything_after_redis_loses_its_data(
     assert sorted(len(received_for(smtp_sink, b)) for b in bookings) == [1] * 20
 
 
-def test_concurrent_reconcilers_claim_each_email_once(db: Db, service_env: dict[str, str]) -> None:
-    from service.emails.reconcile import claim
-
+def test_concurrent_reconcilers_claim_each_email_once(db: Db, app: App) -> None:
     bookings = {
         db.booking(status="pending", status_changed_at=datetime.now(UTC) - timedelta(hours=1))
         for _ in range(30)
@@ -277,7 +284,7 @@ def test_concurrent_reconcilers_claim_each_email_once(db: Db, service_env: dict[
 
     def run() -> None:
         barrier.wait()
-        results.append(claim(grace=timedelta(minutes=5)))
+        results.append(claim(app.db, app.settings, grace=timedelta(minutes=5)))
 
     threads = [threading.Thread(target=run) for _ in range(4)]
     for t in threads:
@@ -316,27 +323,24 @@ def test_retry_survives_a_redis_blip_during_reenqueue(service_env: dict[str, str
 
 
 def test_email_accepted_by_smtp_is_recorded_through_a_postgres_restart(
-    service_env: dict[str, str], pg_server: Any, monkeypatch: Any
+    service_env: dict[str, str], pg_server: Any
 ) -> None:
     """Postgres stops while the SMTP server is taking the email: the worker keeps trying to
     record the send, so the redelivery that follows finds it sent instead of sending it again."""
     import psycopg
 
-    from service.config import reset_settings
-    from service.emails.models import EmailPayload
-    from service.emails.pipeline import Attempt, Outcome, deliver
     from tests.factories import insert_booking, insert_venue
 
     sink = SmtpSink.start_new(delay=1.5)
+    app = App.for_worker({**service_env, "SMTP_URL": sink.url})
+    room = app.mailroom
     try:
-        monkeypatch.setenv("SMTP_URL", sink.url)
-        reset_settings()
         with psycopg.connect(service_env["DATABASE_URL"], autocommit=True) as conn:
             booking = insert_booking(conn, insert_venue(conn), status="confirmed")
         payload = EmailPayload(booking_id=booking, type="confirmed")
         outcome: dict[str, Any] = {}
         thread = threading.Thread(
-            target=lambda: outcome.update(first=deliver(payload, Attempt(1, False)))
+            target=lambda: outcome.update(first=deliver(room, payload, Attempt(1, False)))
         )
         thread.start()
         time.sleep(0.5)  # the worker is inside the SMTP conversation, holding the row lock
@@ -344,9 +348,9 @@ def test_email_accepted_by_smtp_is_recorded_through_a_postgres_restart(
         time.sleep(2.5)  # SMTP accepts the email while Postgres is down
         pg_server.start()
         thread.join(60)
-        assert outcome.get("first") is Outcome.SENT
+        assert outcome.get("first") is Action.SEND
         assert sink.count() == 1
-        assert deliver(payload, Attempt(2, False)) is Outcome.DUPLICATE
+        assert deliver(room, payload, Attempt(2, False)) is Action.DUPLICATE
         assert sink.count() == 1
         with psycopg.connect(service_env["DATABASE_URL"]) as conn:
             state = conn.execute(
@@ -354,4 +358,5 @@ def test_email_accepted_by_smtp_is_recorded_through_a_postgres_restart(
             ).fetchone()
         assert state == ("sent",)
     finally:
+        app.close()
         sink.destroy()

@@ -38,9 +38,8 @@ def test_delivery_and_kill_9_on_rabbitmq(
     bookings = [db.booking(status="pending") for _ in range(20)]
     code = (
         "import sys; from service.actors.emails import send_booking_email\n"
-        "from service.broker import broker\n"
         "for b in sys.argv[1:]: send_booking_email.send(b, 'request_received')\n"
-        "broker.close()\n"
+        "send_booking_email.broker.close()\n"
     )
     produced = subprocess.run(
         [sys.executable, "-c", code, *map(str, bookings)],
