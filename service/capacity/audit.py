@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
 from pydantic import ValidationError
 
 from service.capacity.holds import MetadataProblem, validate_hold_metadata
@@ -84,21 +84,8 @@ class ActiveHold:
     row_version: str
     party_size: int
 
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> ActiveHold:
-        return cls(
-            id=row["id"],
-            venue_id=row["venue_id"],
-            booking_id=row["booking_id"],
-            table_ids=tuple(row["table_ids"]),
-            metadata=row["metadata"],
-            policy_revision_id=row["policy_revision_id"],
-            starts_at=row["starts_at"],
-            ends_at=row["ends_at"],
-            expired=row["expired"],
-            row_version=row["row_version"],
-            party_size=row["party_size"],
-        )
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "table_ids", tuple(self.table_ids))
 
     @property
     def claimed_version(self) -> str | None:
@@ -153,8 +140,8 @@ def fetch_active_holds(
         conditions.append("h.id > %(after)s")
     if venue_id is not None:
         conditions.append("h.venue_id = %(venue)s")
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
+    with conn.cursor(row_factory=class_row(ActiveHold)) as cur:
+        return cur.execute(
             f"""
             SELECT {_HOLD_COLUMNS}
             FROM holds h JOIN bookings b ON b.id = h.booking_id
@@ -164,13 +151,12 @@ def fetch_active_holds(
             """,
             {"after": after, "venue": venue_id, "limit": limit},
         ).fetchall()
-    return [ActiveHold.from_row(row) for row in rows]
 
 
 def fetch_holds_by_id(conn: AnyConnection, ids: Sequence[uuid.UUID]) -> list[ActiveHold]:
     """The holds among ``ids`` that are still active."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
+    with conn.cursor(row_factory=class_row(ActiveHold)) as cur:
+        return cur.execute(
             f"""
             SELECT {_HOLD_COLUMNS}
             FROM holds h JOIN bookings b ON b.id = h.booking_id
@@ -179,7 +165,6 @@ def fetch_holds_by_id(conn: AnyConnection, ids: Sequence[uuid.UUID]) -> list[Act
             """,
             (list(ids),),
         ).fetchall()
-    return [ActiveHold.from_row(row) for row in rows]
 
 
 class PolicyBook:

@@ -19,14 +19,9 @@ from prometheus_client import REGISTRY
 from psycopg.types.json import Jsonb
 
 from service.capacity import repository as repo
-from service.capacity.confirm import (
-    BOOKING_NOT_PENDING,
-    Hold,
-    confirm_hold_assignment,
-    confirm_with_policy_retry,
-    create_hold,
-)
+from service.capacity.confirm import confirm_hold_assignment, confirm_with_policy_retry, create_hold
 from service.capacity.errors import (
+    BOOKING_NOT_PENDING,
     HOLD_BOOKING_MISMATCH,
     HOLD_EXPIRED,
     HOLD_METADATA_INCOMPLETE,
@@ -40,6 +35,7 @@ from service.capacity.errors import (
 from service.capacity.holds import build_hold_metadata
 from service.capacity.policy import CapacityPolicy, TurnTime, policy_version
 from service.capacity.quoting import quote
+from service.capacity.records import Hold
 from service.db import DatabaseUnavailable, transaction
 from tests.capacity import make_policy, revised, table
 from tests.capacity.conftest import WebhookReceiver
