@@ -163,9 +163,10 @@ def create_hold(
 ) -> Hold:
     """Hold the best free tables for a pending booking under the venue's current policy.
 
-    Replaces any active hold the booking already had. Raises ``CapacityError`` with
-    ``NO_AVAILABILITY`` (nothing fits), ``BOOKING_NOT_FOUND``, ``BOOKING_NOT_PENDING`` or
-    ``POLICY_NOT_FOUND``.
+    The hold lives ``ttl_seconds`` (``None``: ``HOLD_TTL_SECONDS``; anything not positive is a
+    ``ValueError``). Replaces any active hold the booking already had. Raises
+    ``CapacityError`` with ``NO_AVAILABILITY`` (nothing fits), ``BOOKING_NOT_FOUND``,
+    ``BOOKING_NOT_PENDING`` or ``POLICY_NOT_FOUND``.
     """
     ttl = hold_ttl(ttl_seconds, get_settings().hold_ttl_seconds)
     booking_id = _as_uuid(booking_id)

@@ -73,8 +73,15 @@ class Reject:
 
 
 def hold_ttl(ttl_seconds: int | None, default_seconds: int) -> timedelta:
-    """How long a new hold lives."""
-    return timedelta(seconds=ttl_seconds or default_seconds)
+    """How long a new hold lives: ``None`` means the default, anything else must be positive."""
+    if ttl_seconds is None:
+        return timedelta(seconds=default_seconds)
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0:
+        raise ValueError(
+            f"ttl_seconds must be a positive whole number of seconds (or None for the default "
+            f"of {default_seconds}), got {ttl_seconds!r}"
+        )
+    return timedelta(seconds=ttl_seconds)
 
 
 @dataclass(frozen=True)

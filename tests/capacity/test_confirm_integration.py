@@ -532,3 +532,26 @@ def test_metadata_written_at_creation_is_complete(venue: Venue) -> None:
     with pytest.raises(CapacityError) as caught:
         confirm_hold_assignment(booking, hold.id, notify=lambda _: None)
     assert caught.value.code == HOLD_METADATA_INCOMPLETE
+
+
+@pytest.mark.parametrize("ttl_seconds", [0, -60])
+def test_a_hold_needs_a_positive_ttl(venue: Venue, ttl_seconds: int) -> None:
+    booking = venue.booking()
+
+    with pytest.raises(ValueError, match="ttl_seconds must be a positive"):
+        create_hold(booking, ttl_seconds=ttl_seconds)
+
+    with transaction() as conn:
+        found = conn.execute(
+            "SELECT count(*) AS n FROM holds WHERE booking_id = %s", (booking,)
+        ).fetchone()
+    assert found == {"n": 0}, "nothing is held with a rejected TTL"
+
+
+def test_a_holds_ttl_is_the_one_asked_for_or_else_the_default(venue: Venue) -> None:
+    now = datetime.now(UTC)
+    short = create_hold(venue.booking(), now=now, ttl_seconds=1)
+    default = create_hold(venue.booking(starts_at=STARTS_AT + timedelta(hours=5)), now=now)
+
+    assert hold_row(short.id)["expires_at"] == now + timedelta(seconds=1)
+    assert hold_row(default.id)["expires_at"] == now + timedelta(seconds=600)

@@ -31,6 +31,7 @@ from service.capacity.decisions import (
     decide_confirmation,
     decide_hold,
     escalation_error,
+    hold_ttl,
     tables_taken,
 )
 from service.capacity.errors import (
@@ -391,6 +392,14 @@ def test_confirmed_outcome(
 
 
 # -- hold creation --------------------------------------------------------------------------------
+
+
+def test_hold_ttl_defaults_only_for_none() -> None:
+    assert hold_ttl(None, 600) == timedelta(seconds=600)
+    assert hold_ttl(30, 600) == timedelta(seconds=30)
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="ttl_seconds must be a positive"):
+            hold_ttl(bad, 600)
 
 
 def test_decide_hold() -> None:
