@@ -375,33 +375,32 @@ def consume_hold(conn: Connection, hold_id: uuid.UUID, now: datetime) -> None:
 
 
 def assign_tables(conn: Connection, hold: Hold) -> None:
-    """One assignment row per table of the hold, for the hold's window.
+    """One assignment row per table of the hold, for the hold's window, in one statement.
 
     The exclusion constraint ``table_assignments_no_overlap`` rejects the insert (with
     ``psycopg.errors.ExclusionViolation``) when any table is already assigned over an
-    overlapping window, whatever other transactions are doing.
+    overlapping window, whatever other transactions are doing. A single statement (not
+    ``executemany``, which pipelines one insert per table) fails cleanly: nothing is left queued
+    behind the failed insert, so the caller's rollback is all there is to do.
     """
     slots = ensure_table_slots(conn, hold.venue_id, hold.table_ids)
-    with conn.cursor() as cur:
-        cur.executemany(
-            """
-            INSERT INTO table_assignments (booking_id, hold_id, venue_id, table_id, table_slot,
-                                           starts_at, ends_at)
-            VALUES (%s, %s, %s, %s, %s, %s, %s)
-            """,
-            [
-                (
-                    hold.booking_id,
-                    hold.id,
-                    hold.venue_id,
-                    table_id,
-                    slots[table_id],
-                    hold.starts_at,
-                    hold.ends_at,
-                )
-                for table_id in hold.table_ids
-            ],
-        )
+    conn.execute(
+        """
+        INSERT INTO table_assignments (booking_id, hold_id, venue_id, table_id, table_slot,
+                                       starts_at, ends_at)
+        SELECT %(booking)s, %(hold)s, %(venue)s, t.table_id, t.slot, %(starts)s, %(ends)s
+        FROM unnest(%(tables)s::text[], %(slots)s::bigint[]) AS t(table_id, slot)
+        """,
+        {
+            "booking": hold.booking_id,
+            "hold": hold.id,
+            "venue": hold.venue_id,
+            "tables": list(hold.table_ids),
+            "slots": [slots[table_id] for table_id in hold.table_ids],
+            "starts": hold.starts_at,
+            "ends": hold.ends_at,
+        },
+    )
 
 
 def assigned_tables(conn: Connection, booking_id: uuid.UUID) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import email
 import email.policy
+import itertools
+import logging
 import os
 import subprocess
 import sys
@@ -413,9 +415,12 @@ def _force_hold(venue: Venue, booking_id: uuid.UUID, tables: tuple[str, ...]) ->
     return record.id
 
 
-def test_racing_confirmations_for_the_same_table_have_one_winner(venue: Venue) -> None:
+@pytest.mark.parametrize("tables", [("t1",), ("t2", "t3")], ids=["one-table", "two-tables"])
+def test_racing_confirmations_for_the_same_table_have_one_winner(
+    venue: Venue, tables: tuple[str, ...], caplog: pytest.LogCaptureFixture
+) -> None:
     contenders = [venue.booking() for _ in range(8)]
-    holds = {b: _force_hold(venue, b, ("t1",)) for b in contenders}
+    holds = {b: _force_hold(venue, b, tables) for b in contenders}
     barrier = threading.Barrier(len(contenders))
     outcomes: dict[uuid.UUID, str] = {}
 
@@ -427,6 +432,7 @@ def test_racing_confirmations_for_the_same_table_have_one_winner(venue: Venue) -
         except CapacityError as error:
             outcomes[booking_id] = error.code
 
+    caplog.set_level(logging.WARNING, logger="psycopg")
     threads = [threading.Thread(target=confirm, args=(b,)) for b in contenders]
     for t in threads:
         t.start()
@@ -439,7 +445,35 @@ def test_racing_confirmations_for_the_same_table_have_one_winner(venue: Venue) -
     for loser in set(contenders) - {winner}:
         assert booking_row(loser)["status"] == "pending"
         assert hold_row(holds[loser])["status"] == "active"
-    assert assignments(winner) == ["t1"]
+    assert assignments(winner) == sorted(tables)
+    noise = [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")]
+    assert noise == [], "a lost race must leave the connection cleanly, without psycopg warnings"
+
+
+def test_each_confirmation_that_loses_its_tables_fails_cleanly(
+    venue: Venue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lost race is an ExclusionViolation on one of several inserts; psycopg must not be left
+    with statements queued behind it (it used to warn "error ignored terminating Pipeline ...
+    pipeline aborted" for most such losers)."""
+    tables = [table(f"x{i}") for i in range(6)]
+    venue.change(tables=tables, adjacency=list(itertools.pairwise(t.id for t in tables)))
+    ids = tuple(t.id for t in tables)
+    winner = venue.booking(party_size=20)
+    confirm_hold_assignment(winner, _force_hold(venue, winner, ids), notify=lambda _: None)
+    caplog.set_level(logging.WARNING, logger="psycopg")
+
+    for _ in range(10):
+        loser = venue.booking(party_size=20)
+        hold_id = _force_hold(venue, loser, ids)
+        with pytest.raises(CapacityError) as caught:
+            confirm_hold_assignment(loser, hold_id, notify=lambda _: None)
+        assert caught.value.details["reason"] == "tables_taken"
+        assert booking_row(loser)["status"] == "pending"
+        assert hold_row(hold_id)["status"] == "active"
+
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")] == []
+    assert overlapping_assignments() == 0
 
 
 def test_a_policy_revision_id_reused_after_a_restore_is_read_afresh(venue: Venue) -> None:
