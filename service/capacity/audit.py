@@ -1,9 +1,9 @@
 """Which active holds carry complete metadata: the one check shared by the backfill, the audit
 command and the ``booking_holds_invalid_active`` gauge.
 
-A hold is judged the way confirmation judges it (:mod:`service.capacity.confirm`): its metadata
-must pass :func:`validate_hold_metadata` against the policy revision whose version it claims,
-and name the hold's own tables. Where confirmation would fall back to a shape-only check (the
+A hold is judged by the validator confirmation runs (:func:`hold_metadata_problems`, every
+defect reported at once): its metadata must pass it against the policy revision whose version
+it claims, and name the hold's own tables. Where confirmation would fall back to a shape-only check (the
 claimed version is not on record, or absent), this check is stricter: it validates against the
 hold's own revision (``holds.policy_revision_id``), else the venue's current policy.
 """
@@ -23,7 +23,7 @@ import psycopg
 from psycopg.rows import class_row, dict_row
 from pydantic import ValidationError
 
-from service.capacity.holds import MetadataProblem, validate_hold_metadata
+from service.capacity.holds import MetadataProblem, hold_metadata_problems
 from service.capacity.policy import CapacityPolicy, policy_version
 
 METADATA_CONSTRAINT = "holds_active_metadata_object"
@@ -94,29 +94,15 @@ class ActiveHold:
 
 
 def hold_problems(hold: ActiveHold, policies: HoldPolicies) -> list[MetadataProblem]:
-    """Every problem with the hold's metadata; empty when confirmation would accept it."""
-    if not isinstance(hold.metadata, Mapping):
-        kind = (
-            "a JSON string (encoded twice?)" if isinstance(hold.metadata, str) else "not an object"
-        )
-        return [MetadataProblem("", f"the stored metadata is {kind}")]
+    """Every problem with the hold's metadata (:func:`hold_metadata_problems` against the
+    reference policy); empty when confirmation would accept it."""
     reference = policies.reference
-    if reference is None:
-        return [MetadataProblem("", "the venue has no capacity policy to check the hold against")]
-    problems = validate_hold_metadata(hold.metadata, reference.policy)
-    selection = hold.metadata.get("selection") if isinstance(hold.metadata, Mapping) else None
-    listed = selection.get("tableIds") if isinstance(selection, Mapping) else None
-    if (
-        isinstance(listed, list)
-        and all(isinstance(t, str) for t in listed)
-        and sorted(listed) != sorted(hold.table_ids)
-    ):
-        problems.append(
-            MetadataProblem(
-                "selection.tableIds",
-                f"tables {sorted(listed)} differ from the hold's tables {sorted(hold.table_ids)}",
-            )
-        )
+    problems = hold_metadata_problems(
+        hold.metadata, hold.table_ids, None if reference is None else reference.policy
+    )
+    if reference is None and isinstance(hold.metadata, Mapping):
+        missing = "the venue has no capacity policy to check the hold against"
+        problems.insert(0, MetadataProblem("", missing))
     return problems
 
 

@@ -279,7 +279,7 @@ def confirm_hold_assignment(
     then send the ``confirmed`` email.
 
     Raises ``CapacityError``: HOLD_NOT_FOUND, HOLD_BOOKING_MISMATCH, HOLD_EXPIRED,
-    HOLD_METADATA_INCOMPLETE (``details["problems"]``), POLICY_CHANGED
+    HOLD_METADATA_INCOMPLETE (``details["problems"]``, every defect at once), POLICY_CHANGED
     (expected and actual versions, the diff and its summary), NO_AVAILABILITY (a table was
     taken meanwhile), BOOKING_NOT_FOUND, BOOKING_NOT_PENDING or POLICY_NOT_FOUND; the order of
     precedence is in :mod:`service.capacity.decisions`. Calling it again for a booking that

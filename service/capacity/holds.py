@@ -282,18 +282,18 @@ def validate_hold_metadata(
 def hold_metadata_problems(
     raw: Any, table_ids: Sequence[str], policy: CapacityPolicy | None
 ) -> list[MetadataProblem]:
-    """The problems of a stored hold's metadata, as confirmation checks it.
+    """Every defect of a stored hold's metadata, all at once: the one check behind confirmation,
+    the audit, the backfill and the invalid-holds gauge.
 
-    ``raw`` is the stored JSON value, ``table_ids`` the hold's own tables, which
-    ``selection.tableIds`` must equal. With a ``policy``, everything
-    :func:`validate_hold_metadata` checks; without one (the hold's policy revision is not on
-    record), the shape only.
+    ``raw`` is the stored JSON value (a JSON string is a defect: it was encoded twice),
+    ``table_ids`` the hold's own tables, which ``selection.tableIds`` must equal. With a
+    ``policy``, everything :func:`validate_hold_metadata` checks; without one (the hold's policy
+    revision is not on record), the shape only.
     """
     if not isinstance(raw, Mapping):
-        return [MetadataProblem("", f"metadata must be an object, got {type(raw).__name__}")]
+        kind = "a JSON string (encoded twice?)" if isinstance(raw, str) else "not an object"
+        return [MetadataProblem("", f"the stored metadata is {kind}")]
     problems = _schema_problems(raw) if policy is None else validate_hold_metadata(raw, policy)
-    if problems:
-        return problems
     listed = _string_list(_at(raw, "selection", "tableIds"))
     if listed is not None and sorted(listed) != sorted(table_ids):
         problems.append(

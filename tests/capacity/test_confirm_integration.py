@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import itertools
+import json
 import logging
 import os
 import subprocess
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 from psycopg.types.json import Jsonb
+from typer.testing import CliRunner
 
 from service.capacity import repository as repo
 from service.capacity.confirm import confirm_hold_assignment, confirm_with_policy_retry, create_hold
@@ -589,3 +591,31 @@ def test_a_holds_ttl_is_the_one_asked_for_or_else_the_default(venue: Venue) -> N
 
     assert hold_row(short.id)["expires_at"] == now + timedelta(seconds=1)
     assert hold_row(default.id)["expires_at"] == now + timedelta(seconds=600)
+
+
+def test_every_metadata_defect_is_reported_at_once_by_confirmation_and_audit(
+    venue: Venue,
+) -> None:
+    from service.cli import app
+
+    booking = venue.booking(party_size=2)
+    hold = create_hold(booking)
+    assert hold.table_ids == ("t1",)
+    with transaction() as conn:
+        conn.execute(
+            """UPDATE holds SET table_ids = '{t2}',
+                                metadata = metadata #- '{selection,snapshot,zoneIds}'
+               WHERE id = %s""",
+            (hold.id,),
+        )
+
+    with pytest.raises(CapacityError) as caught:
+        confirm_hold_assignment(booking, hold.id, notify=Notified())
+
+    expected = ["selection.snapshot.zoneIds", "selection.tableIds"]
+    assert caught.value.code == HOLD_METADATA_INCOMPLETE
+    assert sorted(p["path"] for p in caught.value.details["problems"]) == expected
+    audit = CliRunner().invoke(app, ["holds", "audit", "--json"])
+    assert audit.exit_code == 1, audit.output
+    report = json.loads(audit.output.strip().splitlines()[-1])
+    assert sorted(report["problemsByPath"]) == expected

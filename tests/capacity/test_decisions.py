@@ -275,6 +275,21 @@ def test_rejections_carry_the_details_callers_use() -> None:
     assert not_pending.error.details["status"] == "cancelled"
 
 
+def test_metadata_defects_are_all_reported_together() -> None:
+    broken = metadata(NEW, ("t2",))
+    del broken["selection"]["snapshot"]["zoneIds"]
+    inputs = ConfirmationInputs(
+        BOOKING, HOLD, booking(), hold(meta=broken), current=NEW_REV, held_under=NEW_REV
+    )
+    decision = decide_confirmation(inputs, NOW)
+    assert isinstance(decision, Reject) and decision.error.code == HOLD_METADATA_INCOMPLETE
+    assert sorted(p["path"] for p in decision.error.details["problems"]) == [
+        "selection.snapshot.zoneIds",
+        "selection.tableIds",
+    ]
+    assert "2 problem(s)" in decision.error.message
+
+
 def test_a_hold_under_an_older_revision_reads_as_drift_with_the_real_diff() -> None:
     inputs = ConfirmationInputs(
         BOOKING,
