@@ -1,9 +1,9 @@
 """Which active holds carry complete metadata: the one check shared by the backfill, the audit
 command and the ``booking_holds_invalid_active`` gauge.
 
-A hold is judged the way confirmation judges it (:mod:`service.capacity.confirm`): its metadata
-must pass :func:`validate_hold_metadata` against the policy revision whose version it claims,
-and name the hold's own tables. Where confirmation would fall back to a shape-only check (the
+A hold is judged by the validator confirmation runs (:func:`hold_metadata_problems`, every
+defect reported at once): its metadata must pass it against the policy revision whose version
+it claims, and name the hold's own tables. Where confirmation would fall back to a shape-only check (the
 claimed version is not on record, or absent), this check is stricter: it validates against the
 hold's own revision (``holds.policy_revision_id``), else the venue's current policy.
 """
@@ -21,10 +21,10 @@ from typing import Any
 
 import psycopg
 from prometheus_client.core import GaugeMetricFamily, Metric
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row
 from pydantic import ValidationError
 
-from service.capacity.holds import MetadataProblem, validate_hold_metadata
+from service.capacity.holds import MetadataProblem, hold_metadata_problems
 from service.capacity.policy import CapacityPolicy, policy_version
 from service.observability.collectors import Database as ScrapeDatabase
 
@@ -86,21 +86,8 @@ class ActiveHold:
     row_version: str
     party_size: int
 
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> ActiveHold:
-        return cls(
-            id=row["id"],
-            venue_id=row["venue_id"],
-            booking_id=row["booking_id"],
-            table_ids=tuple(row["table_ids"]),
-            metadata=row["metadata"],
-            policy_revision_id=row["policy_revision_id"],
-            starts_at=row["starts_at"],
-            ends_at=row["ends_at"],
-            expired=row["expired"],
-            row_version=row["row_version"],
-            party_size=row["party_size"],
-        )
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "table_ids", tuple(self.table_ids))
 
     @property
     def claimed_version(self) -> str | None:
@@ -109,29 +96,15 @@ class ActiveHold:
 
 
 def hold_problems(hold: ActiveHold, policies: HoldPolicies) -> list[MetadataProblem]:
-    """Every problem with the hold's metadata; empty when confirmation would accept it."""
-    if not isinstance(hold.metadata, Mapping):
-        kind = (
-            "a JSON string (encoded twice?)" if isinstance(hold.metadata, str) else "not an object"
-        )
-        return [MetadataProblem("", f"the stored metadata is {kind}")]
+    """Every problem with the hold's metadata (:func:`hold_metadata_problems` against the
+    reference policy); empty when confirmation would accept it."""
     reference = policies.reference
-    if reference is None:
-        return [MetadataProblem("", "the venue has no capacity policy to check the hold against")]
-    problems = validate_hold_metadata(hold.metadata, reference.policy)
-    selection = hold.metadata.get("selection") if isinstance(hold.metadata, Mapping) else None
-    listed = selection.get("tableIds") if isinstance(selection, Mapping) else None
-    if (
-        isinstance(listed, list)
-        and all(isinstance(t, str) for t in listed)
-        and sorted(listed) != sorted(hold.table_ids)
-    ):
-        problems.append(
-            MetadataProblem(
-                "selection.tableIds",
-                f"tables {sorted(listed)} differ from the hold's tables {sorted(hold.table_ids)}",
-            )
-        )
+    problems = hold_metadata_problems(
+        hold.metadata, hold.table_ids, None if reference is None else reference.policy
+    )
+    if reference is None and isinstance(hold.metadata, Mapping):
+        missing = "the venue has no capacity policy to check the hold against"
+        problems.insert(0, MetadataProblem("", missing))
     return problems
 
 
@@ -155,8 +128,8 @@ def fetch_active_holds(
         conditions.append("h.id > %(after)s")
     if venue_id is not None:
         conditions.append("h.venue_id = %(venue)s")
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
+    with conn.cursor(row_factory=class_row(ActiveHold)) as cur:
+        return cur.execute(
             f"""
             SELECT {_HOLD_COLUMNS}
             FROM holds h JOIN bookings b ON b.id = h.booking_id
@@ -166,13 +139,12 @@ def fetch_active_holds(
             """,
             {"after": after, "venue": venue_id, "limit": limit},
         ).fetchall()
-    return [ActiveHold.from_row(row) for row in rows]
 
 
 def fetch_holds_by_id(conn: AnyConnection, ids: Sequence[uuid.UUID]) -> list[ActiveHold]:
     """The holds among ``ids`` that are still active."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
+    with conn.cursor(row_factory=class_row(ActiveHold)) as cur:
+        return cur.execute(
             f"""
             SELECT {_HOLD_COLUMNS}
             FROM holds h JOIN bookings b ON b.id = h.booking_id
@@ -181,7 +153,6 @@ def fetch_holds_by_id(conn: AnyConnection, ids: Sequence[uuid.UUID]) -> list[Act
             """,
             (list(ids),),
         ).fetchall()
-    return [ActiveHold.from_row(row) for row in rows]
 
 
 class PolicyBook:

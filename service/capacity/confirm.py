@@ -1,49 +1,42 @@
 """The capacity shell: create holds, confirm them, and recover from policy drift.
 
-The pure domain (policy, quoting, holds, drift) decides; this module loads its inputs, writes
-its results in one transaction per step, and translates outcomes into metrics, logs and outbox
-events. Locks are always taken in the same order: booking, then venue, then hold.
+Each step loads (and locks) its inputs in one place, asks :mod:`service.capacity.decisions`
+what to do, and writes the result in one transaction; then it translates the outcome into
+metrics, logs and outbox events. Settings, flags and the clock are read here only. Locks are
+always taken in the same order: booking, then venue, then hold.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
 
 import psycopg
-from pydantic import ValidationError
 
 from service.capacity import repository as repo
-from service.capacity.drift import (
-    PolicyDiff,
-    SnapshotDiff,
-    change_lines,
-    diff_policies,
-    diff_snapshot,
-    summarize,
+from service.capacity.decisions import (
+    MAX_REQUOTE_CYCLES,
+    AlreadyConfirmed,
+    ConfirmationInputs,
+    Escalate,
+    HoldInputs,
+    Outcome,
+    Reject,
+    Surface,
+    after_drift,
+    after_failed_requote,
+    booking_not_found,
+    confirmed_outcome,
+    decide_confirmation,
+    decide_hold,
+    escalation_error,
+    hold_ttl,
+    tables_taken,
 )
-from service.capacity.errors import (
-    HOLD_BOOKING_MISMATCH,
-    HOLD_EXPIRED,
-    HOLD_METADATA_INCOMPLETE,
-    HOLD_NOT_FOUND,
-    NO_AVAILABILITY,
-    POLICY_CHANGED,
-    POLICY_REQUOTE_FAILED,
-    POLICY_RETRY_FAILED,
-    CapacityError,
-)
-from service.capacity.holds import (
-    HoldMetadata,
-    build_hold_metadata,
-    format_path,
-    require_valid_hold_metadata,
-)
-from service.capacity.policy import adjacency_hash, edges_among
-from service.capacity.quoting import quote
+from service.capacity.errors import HOLD_METADATA_INCOMPLETE, POLICY_CHANGED, CapacityError
+from service.capacity.records import Hold, PolicyRevision
 from service.db import Database
 from service.logs import get_logger
 from service.metrics import (
@@ -55,18 +48,23 @@ from service.metrics import (
 from service.outbox import write_event
 from service.outbox.notifications import POLICY_DRIFT_ESCALATED, PolicyDriftEscalation
 
+__all__ = [
+    "MAX_REQUOTE_CYCLES",
+    "Confirmation",
+    "ConfirmationResult",
+    "Hold",
+    "confirm_hold_assignment",
+    "confirm_with_policy_retry",
+    "create_hold",
+    "load_confirmation",
+]
+
 log = get_logger(__name__)
 
-MAX_REQUOTE_CYCLES = 2
 OCCUPANCY_LOOKAROUND = timedelta(hours=24)
 
-BOOKING_NOT_FOUND = "BOOKING_NOT_FOUND"
-BOOKING_NOT_PENDING = "BOOKING_NOT_PENDING"
-POLICY_NOT_FOUND = "POLICY_NOT_FOUND"
-
-Outcome = Literal["confirmed", "recovered", "escalated"]
 Notifier = Callable[[uuid.UUID], None]
-RequoteHook = Callable[[int, "Hold"], None]
+RequoteHook = Callable[[int, Hold], None]
 
 
 @dataclass(frozen=True)
@@ -81,33 +79,6 @@ class Capacity:
     hold_ttl_seconds: int = 600
     quote_max_tables: int = 3
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class Hold:
-    """A hold as the caller sees it."""
-
-    id: uuid.UUID
-    booking_id: uuid.UUID
-    venue_id: uuid.UUID
-    table_ids: tuple[str, ...]
-    starts_at: datetime
-    ends_at: datetime
-    expires_at: datetime
-    policy_version: str
-
-    @classmethod
-    def from_record(cls, record: repo.HoldRecord, version: str) -> Hold:
-        return cls(
-            id=record.id,
-            booking_id=record.booking_id,
-            venue_id=record.venue_id,
-            table_ids=record.table_ids,
-            starts_at=record.starts_at,
-            ends_at=record.ends_at,
-            expires_at=record.expires_at,
-            policy_version=version,
-        )
 
 
 @dataclass(frozen=True)
@@ -142,24 +113,19 @@ def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
 # -- holds ---------------------------------------------------------------------------------
 
 
-def _current_policy(conn: repo.Connection, venue_id: uuid.UUID) -> repo.PolicyRevision:
-    revision = repo.current_policy(conn, venue_id)
-    if revision is None:
-        raise CapacityError(
-            POLICY_NOT_FOUND, "the venue has no capacity policy", {"venueId": str(venue_id)}
-        )
-    return revision
-
-
-def _place_hold(
-    cap: Capacity,
+def _load_hold_inputs(
     conn: repo.Connection,
-    booking: repo.BookingRecord,
-    revision: repo.PolicyRevision,
+    booking_id: uuid.UUID,
     now: datetime,
-    ttl: timedelta,
-) -> Hold:
-    """Quote against live occupancy and insert a hold with validated, complete metadata."""
+    replacing: uuid.UUID | None = None,
+) -> HoldInputs:
+    """Lock the booking, its venue and the hold being replaced; read the policy and occupancy."""
+    booking = repo.lock_booking(conn, booking_id)
+    if booking is None:
+        return HoldInputs(booking_id, None)
+    repo.lock_venue(conn, booking.venue_id)
+    if replacing is not None:
+        repo.lock_hold(conn, replacing)
     occupied = repo.occupancy(
         conn,
         booking.venue_id,
@@ -168,42 +134,33 @@ def _place_hold(
         now,
         exclude_booking=booking.id,
     )
-    offer = quote(
-        revision.policy,
-        booking.party_size,
-        booking.starts_at,
-        occupied,
-        now,
-        max_tables=cap.quote_max_tables,
-    )
-    metadata = build_hold_metadata(revision.policy, offer)
-    require_valid_hold_metadata(metadata, revision.policy)
-    record = repo.insert_hold(
+    return HoldInputs(booking_id, booking, repo.current_policy(conn, booking.venue_id), occupied)
+
+
+def _place_hold(
+    cap: Capacity,
+    conn: repo.Connection,
+    booking_id: uuid.UUID,
+    now: datetime,
+    ttl: timedelta,
+    replacing: uuid.UUID | None = None,
+) -> Hold:
+    inputs = _load_hold_inputs(conn, booking_id, now, replacing)
+    decision = decide_hold(inputs, now, ttl=ttl, max_tables=cap.quote_max_tables)
+    if isinstance(decision, Reject):
+        raise decision.error
+    return repo.insert_hold(
         conn,
-        booking_id=booking.id,
-        venue_id=booking.venue_id,
-        table_ids=offer.table_ids,
-        starts_at=offer.starts_at,
-        ends_at=offer.ends_at,
-        expires_at=now + ttl,
-        metadata=metadata,
-        policy_revision_id=revision.id,
+        booking_id=decision.booking.id,
+        venue_id=decision.booking.venue_id,
+        table_ids=decision.offer.table_ids,
+        starts_at=decision.offer.starts_at,
+        ends_at=decision.offer.ends_at,
+        expires_at=decision.expires_at,
+        metadata=decision.metadata,
+        policy_revision_id=decision.revision.id,
         now=now,
     )
-    return Hold.from_record(record, offer.policy_version)
-
-
-def _pending_booking(conn: repo.Connection, booking_id: uuid.UUID) -> repo.BookingRecord:
-    booking = repo.lock_booking(conn, booking_id)
-    if booking is None:
-        raise CapacityError(BOOKING_NOT_FOUND, "no such booking", {"bookingId": str(booking_id)})
-    if booking.status != "pending":
-        raise CapacityError(
-            BOOKING_NOT_PENDING,
-            f"the booking is {booking.status}",
-            {"bookingId": str(booking_id), "status": booking.status},
-        )
-    return booking
 
 
 def create_hold(
@@ -215,18 +172,17 @@ def create_hold(
 ) -> Hold:
     """Hold the best free tables for a pending booking under the venue's current policy.
 
-    Replaces any active hold the booking already had. Raises ``CapacityError`` with
-    ``NO_AVAILABILITY`` (nothing fits), ``BOOKING_NOT_FOUND`` or ``BOOKING_NOT_PENDING``.
+    The hold lives ``ttl_seconds`` (``None``: ``HOLD_TTL_SECONDS``; anything not positive is a
+    ``ValueError``). Replaces any active hold the booking already had. Raises
+    ``CapacityError`` with ``NO_AVAILABILITY`` (nothing fits), ``BOOKING_NOT_FOUND``,
+    ``BOOKING_NOT_PENDING`` or ``POLICY_NOT_FOUND``.
     """
+    ttl = hold_ttl(ttl_seconds, cap.hold_ttl_seconds)
     booking_id = _as_uuid(booking_id)
     now = now or cap.clock()
-    ttl = timedelta(seconds=ttl_seconds or cap.hold_ttl_seconds)
     try:
         with cap.db.transaction() as conn:
-            booking = _pending_booking(conn, booking_id)
-            repo.lock_venue(conn, booking.venue_id)
-            revision = _current_policy(conn, booking.venue_id)
-            hold = _place_hold(cap, conn, booking, revision, now, ttl)
+            hold = _place_hold(cap, conn, booking_id, now, ttl)
             for previous in repo.release_active_holds(
                 conn, booking_id, reason="superseded", now=now, keep=hold.id
             ):
@@ -247,171 +203,76 @@ def create_hold(
 # -- confirmation --------------------------------------------------------------------------
 
 
-def _metadata_error(problems: list[dict[str, str]]) -> CapacityError:
-    listed = "; ".join(f"{p['path'] or '(root)'}: {p['message']}" for p in problems)
-    return CapacityError(
-        HOLD_METADATA_INCOMPLETE,
-        f"hold metadata has {len(problems)} problem(s): {listed}",
-        {"problems": problems},
-    )
-
-
-def _parse_metadata(raw: Any) -> HoldMetadata:
-    """Shape-only validation, for holds whose own policy revision is not on record."""
-    if not isinstance(raw, Mapping):
-        raise _metadata_error(
-            [{"path": "", "message": f"metadata must be an object, got {type(raw).__name__}"}]
-        )
-    try:
-        return HoldMetadata.model_validate(raw)
-    except ValidationError as error:
-        raise _metadata_error(
-            [
-                {"path": format_path(tuple(e["loc"])), "message": e["msg"]}
-                for e in error.errors(include_url=False)
-            ]
-        ) from None
-
-
-def _checked_metadata(
-    conn: repo.Connection, hold: repo.HoldRecord, current: repo.PolicyRevision
-) -> tuple[HoldMetadata, repo.PolicyRevision | None]:
-    """Validate the hold's metadata against the policy it was made under.
-
-    Returns the metadata and that policy's revision (None when it is not on record). A hold made
-    under an older policy is checked against that policy, so that a table removed since then
-    reads as drift (POLICY_CHANGED), not as broken metadata.
-    """
-    raw = hold.metadata
-    claimed = raw.get("policyVersion") if isinstance(raw, Mapping) else None
-    if claimed == current.version:
-        held_under: repo.PolicyRevision | None = current
-    elif isinstance(claimed, str):
+def load_confirmation(
+    conn: repo.Connection, booking_id: uuid.UUID, hold_id: uuid.UUID
+) -> ConfirmationInputs:
+    """Lock the booking, its venue and the hold, and read what the decision needs: the holds
+    that replaced this one, the venue's current policy and the one the hold claims."""
+    booking = repo.lock_booking(conn, booking_id)
+    if booking is None:
+        return ConfirmationInputs(booking_id, hold_id, None, None)
+    # Concurrent inserts checked by one exclusion constraint can deadlock each other, and a
+    # policy change must not commit between the version check and the assignment.
+    repo.lock_venue(conn, booking.venue_id)
+    hold = repo.lock_hold(conn, hold_id)
+    if hold is None:
+        return ConfirmationInputs(booking_id, hold_id, booking, None)
+    current = repo.current_policy(conn, hold.venue_id)
+    claimed = hold.claimed_version
+    held_under: PolicyRevision | None
+    if current is not None and claimed == current.version:
+        held_under = current
+    elif claimed is not None:
         held_under = repo.policy_by_version(conn, hold.venue_id, claimed)
     else:
         held_under = None
-    if held_under is not None:
-        metadata = require_valid_hold_metadata(raw, held_under.policy)
-    else:
-        metadata = _parse_metadata(raw)
-    if sorted(metadata.table_ids) != sorted(hold.table_ids):
-        raise _metadata_error(
-            [
-                {
-                    "path": "selection.tableIds",
-                    "message": f"tables {sorted(metadata.table_ids)} differ from the hold's "
-                    f"tables {sorted(hold.table_ids)}",
-                }
-            ]
-        )
-    return metadata, held_under
-
-
-def _drift_error(
-    hold: repo.HoldRecord,
-    metadata: HoldMetadata,
-    held_under: repo.PolicyRevision | None,
-    current: repo.PolicyRevision,
-) -> CapacityError:
-    diff: PolicyDiff | SnapshotDiff = (
-        diff_policies(held_under.policy, current.policy)
-        if held_under is not None
-        else diff_snapshot(metadata, current.policy)
+    return ConfirmationInputs(
+        booking_id,
+        hold_id,
+        booking,
+        hold,
+        replacements=repo.replacements(conn, hold, MAX_REQUOTE_CYCLES),
+        current=current,
+        held_under=held_under,
     )
-    return CapacityError(
-        POLICY_CHANGED,
-        details={
-            "holdId": str(hold.id),
-            "venueId": str(hold.venue_id),
-            "expectedVersion": metadata.policy_version,
-            "actualVersion": current.version,
-            "adjacencyHashBefore": metadata.selection.snapshot.adjacency.hash,
-            "adjacencyHashAfter": adjacency_hash(
-                edges_among(current.policy.adjacency, metadata.table_ids)
-            ),
-            "diff": diff.as_dict(),
-            "changes": change_lines(diff),
-            "summary": summarize(diff),
-        },
-    )
-
-
-def _already_confirmed(
-    conn: repo.Connection, booking: repo.BookingRecord, hold: repo.HoldRecord
-) -> repo.HoldRecord | None:
-    """The consumed hold that ``hold`` led to (itself, or its replacements after re-quotes)."""
-    if booking.status != "confirmed":
-        return None
-    current: repo.HoldRecord | None = hold
-    for _ in range(MAX_REQUOTE_CYCLES + 1):
-        if current is None:
-            return None
-        if current.status == "consumed":
-            return current
-        if current.replaced_by is None:
-            return None
-        current = repo.get_hold(conn, current.replaced_by)
-    return None
 
 
 def _confirm_in(
     conn: repo.Connection, booking_id: uuid.UUID, hold_id: uuid.UUID, now: datetime
 ) -> Confirmation:
-    booking = repo.lock_booking(conn, booking_id)
-    if booking is None:
-        raise CapacityError(BOOKING_NOT_FOUND, "no such booking", {"bookingId": str(booking_id)})
-    # Concurrent inserts checked by one exclusion constraint can deadlock each other, and a
-    # policy change must not commit between the version check and the assignment.
-    repo.lock_venue(conn, booking.venue_id)
-    hold = repo.lock_hold(conn, hold_id)
-    ids = {"holdId": str(hold_id), "bookingId": str(booking_id)}
-    if hold is None:
-        raise CapacityError(HOLD_NOT_FOUND, details=ids)
-    if hold.booking_id != booking_id:
-        raise CapacityError(
-            HOLD_BOOKING_MISMATCH, details={**ids, "holdBookingId": str(hold.booking_id)}
-        )
-    done = _already_confirmed(conn, booking, hold)
-    if done is not None:
+    decision = decide_confirmation(load_confirmation(conn, booking_id, hold_id), now)
+    if isinstance(decision, Reject):
+        raise decision.error
+    hold = decision.hold
+    if isinstance(decision, AlreadyConfirmed):
         return Confirmation(
             booking_id,
-            done.id,
-            done.table_ids,
-            done.starts_at,
-            done.ends_at,
+            hold.id,
+            hold.table_ids,
+            hold.starts_at,
+            hold.ends_at,
             already_confirmed=True,
         )
-    if hold.status != "active" or hold.expires_at <= now:
-        raise CapacityError(
-            HOLD_EXPIRED,
-            details={
-                **ids,
-                "status": hold.status,
-                "expiresAt": hold.expires_at.isoformat(),
-                "releaseReason": hold.release_reason,
-            },
-        )
-    if booking.status != "pending":
-        raise CapacityError(
-            BOOKING_NOT_PENDING,
-            f"the booking is {booking.status}",
-            {**ids, "status": booking.status},
-        )
-    current = _current_policy(conn, hold.venue_id)
-    metadata, held_under = _checked_metadata(conn, hold, current)
-    if metadata.policy_version != current.version:
-        raise _drift_error(hold, metadata, held_under, current)
     try:
         repo.assign_tables(conn, hold)
     except psycopg.errors.ExclusionViolation:
-        raise CapacityError(
-            NO_AVAILABILITY,
-            "a table of the hold is already assigned to an overlapping booking",
-            {**ids, "reason": "tables_taken", "tableIds": list(hold.table_ids)},
-        ) from None
+        raise tables_taken(hold) from None
     repo.confirm_booking(conn, booking_id, now)
     repo.consume_hold(conn, hold.id, now)
     return Confirmation(booking_id, hold.id, hold.table_ids, hold.starts_at, hold.ends_at)
+
+
+def _notify(cap: Capacity, booking_id: uuid.UUID) -> None:
+    """Hand the ``confirmed`` email to the pipeline; a failure is logged, never raised (the
+    confirmation has committed, and the email reconciler re-sends missing emails)."""
+    try:
+        cap.notify_confirmed(booking_id)
+    except Exception as error:
+        log.error(
+            "confirmed email not handed to the pipeline",
+            booking_id=str(booking_id),
+            error=type(error).__name__,
+        )
 
 
 def confirm_hold_assignment(
@@ -425,10 +286,11 @@ def confirm_hold_assignment(
     then send the ``confirmed`` email.
 
     Raises ``CapacityError``: HOLD_NOT_FOUND, HOLD_BOOKING_MISMATCH, HOLD_EXPIRED,
-    HOLD_METADATA_INCOMPLETE (``details["problems"]``), POLICY_CHANGED (expected and actual
-    versions, the diff and its summary), NO_AVAILABILITY (a table was taken meanwhile),
-    BOOKING_NOT_FOUND or BOOKING_NOT_PENDING. Calling it again for a booking that this hold
-    (or its re-quoted replacement) already confirmed returns ``already_confirmed``.
+    HOLD_METADATA_INCOMPLETE (``details["problems"]``, every defect at once), POLICY_CHANGED
+    (expected and actual versions, the diff and its summary), NO_AVAILABILITY (a table was
+    taken meanwhile), BOOKING_NOT_FOUND, BOOKING_NOT_PENDING or POLICY_NOT_FOUND; the order of
+    precedence is in :mod:`service.capacity.decisions`. Calling it again for a booking that
+    this hold (or its re-quoted replacement) already confirmed returns ``already_confirmed``.
     """
     booking_id, hold_id = _as_uuid(booking_id), _as_uuid(hold_id)
     try:
@@ -451,32 +313,15 @@ def confirm_hold_assignment(
     return confirmation
 
 
-def _notify(cap: Capacity, booking_id: uuid.UUID) -> None:
-    """A failure to hand over the ``confirmed`` email is logged, never raised: the confirmation
-    has committed, and the email reconciler re-sends missing emails."""
-    try:
-        cap.notify_confirmed(booking_id)
-    except Exception as error:
-        log.error(
-            "confirmed email not handed to the pipeline",
-            booking_id=str(booking_id),
-            error=type(error).__name__,
-        )
-
-
 # -- drift recovery ------------------------------------------------------------------------
 
 
 def _requote(cap: Capacity, booking_id: uuid.UUID, old_hold_id: uuid.UUID) -> Hold:
     """Under the latest policy, hold new tables and release the old hold, in one transaction."""
+    ttl = hold_ttl(None, cap.hold_ttl_seconds)
     now = cap.clock()
     with cap.db.transaction() as conn:
-        booking = _pending_booking(conn, booking_id)
-        repo.lock_venue(conn, booking.venue_id)
-        repo.lock_hold(conn, old_hold_id)
-        revision = _current_policy(conn, booking.venue_id)
-        ttl = timedelta(seconds=cap.hold_ttl_seconds)
-        hold = _place_hold(cap, conn, booking, revision, now, ttl)
+        hold = _place_hold(cap, conn, booking_id, now, ttl, replacing=old_hold_id)
         repo.release_hold(conn, old_hold_id, reason="policy_drift", now=now, replaced_by=hold.id)
     return hold
 
@@ -486,9 +331,8 @@ def _escalate(
     booking_id: uuid.UUID,
     original_hold_id: uuid.UUID,
     hold_id: uuid.UUID,
-    code: str,
+    step: Escalate,
     drift: CapacityError,
-    cycles: int,
     cause: CapacityError | None = None,
 ) -> ConfirmationResult:
     """Flag the booking, release its hold and write the admin notification, in one transaction."""
@@ -497,9 +341,7 @@ def _escalate(
     with cap.db.transaction() as conn:
         booking = repo.lock_booking(conn, booking_id)
         if booking is None:
-            raise CapacityError(
-                BOOKING_NOT_FOUND, "no such booking", {"bookingId": str(booking_id)}
-            )
+            raise booking_not_found(booking_id)
         venue = repo.venue(conn, booking.venue_id)
         repo.flag_needs_attention(conn, booking_id, now)
         repo.release_hold(conn, hold_id, reason="policy_drift_escalated", now=now)
@@ -510,8 +352,8 @@ def _escalate(
             booking_id=str(booking_id),
             party_size=booking.party_size,
             starts_at=booking.starts_at,
-            reason=code,  # type: ignore[arg-type]
-            cycles=cycles,
+            reason=step.code,
+            cycles=step.cycles,
             hold_id=str(hold_id),
             expected_version=details.get("expectedVersion"),
             actual_version=str(details.get("actualVersion")),
@@ -529,22 +371,23 @@ def _escalate(
             dedupe_key=f"{POLICY_DRIFT_ESCALATED}:{booking_id}:{original_hold_id}",
             venue_id=venue.id,
         )
-    error_details: dict[str, Any] = {**details, "cycles": cycles, "bookingId": str(booking_id)}
-    if cause is not None:
-        error_details["cause"] = cause.as_dict()
-    error = CapacityError(code, details=error_details)
     CONFIRMATIONS.labels("escalated").inc()
     POLICY_DRIFT.labels("escalated").inc()
     log.warning(
         "policy drift escalated to the venue's admins",
         booking_id=str(booking_id),
         venue_id=str(venue.id),
-        code=code,
-        cycles=cycles,
+        code=step.code,
+        cycles=step.cycles,
         event_id=str(event_id) if event_id else None,
     )
     return ConfirmationResult(
-        "escalated", booking_id, hold_id, cycles=cycles, error=error, event_id=event_id
+        "escalated",
+        booking_id,
+        hold_id,
+        cycles=step.cycles,
+        error=escalation_error(step, drift, booking_id, cause),
+        event_id=event_id,
     )
 
 
@@ -575,14 +418,16 @@ def confirm_with_policy_retry(
                 raise
             drift = error
         else:
+            outcome = confirmed_outcome(
+                cycles=cycles,
+                already_confirmed=confirmation.already_confirmed,
+                hold_id=confirmation.hold_id,
+                original_hold_id=original,
+            )
             if confirmation.already_confirmed:
                 return ConfirmationResult(
-                    "recovered" if confirmation.hold_id != original else "confirmed",
-                    booking_id,
-                    confirmation.hold_id,
-                    confirmation=confirmation,
+                    outcome, booking_id, confirmation.hold_id, confirmation=confirmation
                 )
-            outcome: Outcome = "recovered" if cycles else "confirmed"
             CONFIRMATIONS.labels(outcome).inc()
             if cycles:
                 POLICY_DRIFT.labels("recovered").inc()
@@ -604,28 +449,21 @@ def confirm_with_policy_retry(
         )
         if cycles == 0:
             POLICY_DRIFT.labels("detected").inc()
-        if not cap.requote_enabled(venue_id):
+        step = after_drift(cycles, requote_enabled=cap.requote_enabled(venue_id))
+        if isinstance(step, Surface):
             CONFIRMATIONS.labels("rejected").inc()
             raise drift
-        if cycles >= MAX_REQUOTE_CYCLES:
-            return _escalate(cap, booking_id, original, current, POLICY_RETRY_FAILED, drift, cycles)
-        cycles += 1
+        if isinstance(step, Escalate):
+            return _escalate(cap, booking_id, original, current, step, drift)
         try:
             hold = _requote(cap, booking_id, current)
         except CapacityError as error:
-            if error.code != NO_AVAILABILITY:
+            escalation = after_failed_requote(error, step.cycle)
+            if escalation is None:
                 CONFIRMATIONS.labels("rejected").inc()
                 raise
-            return _escalate(
-                cap,
-                booking_id,
-                original,
-                current,
-                POLICY_REQUOTE_FAILED,
-                drift,
-                cycles,
-                cause=error,
-            )
+            return _escalate(cap, booking_id, original, current, escalation, drift, cause=error)
+        cycles = step.cycle
         log.info(
             "re-quoted after policy drift",
             booking_id=str(booking_id),

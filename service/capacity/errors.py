@@ -17,6 +17,9 @@ HOLD_BOOKING_MISMATCH: Final = "HOLD_BOOKING_MISMATCH"
 POLICY_REQUOTE_FAILED: Final = "POLICY_REQUOTE_FAILED"
 POLICY_RETRY_FAILED: Final = "POLICY_RETRY_FAILED"
 NO_AVAILABILITY: Final = "NO_AVAILABILITY"
+BOOKING_NOT_FOUND: Final = "BOOKING_NOT_FOUND"
+BOOKING_NOT_PENDING: Final = "BOOKING_NOT_PENDING"
+POLICY_NOT_FOUND: Final = "POLICY_NOT_FOUND"
 
 DEFAULT_MESSAGES: Final[Mapping[str, str]] = {
     POLICY_CHANGED: "the venue's capacity policy changed since the hold was taken",
@@ -27,6 +30,9 @@ DEFAULT_MESSAGES: Final[Mapping[str, str]] = {
     POLICY_REQUOTE_FAILED: "re-quoting under the new policy found no tables",
     POLICY_RETRY_FAILED: "the policy kept changing; confirmation gave up after its retries",
     NO_AVAILABILITY: "no table or table combination is available",
+    BOOKING_NOT_FOUND: "no such booking",
+    BOOKING_NOT_PENDING: "the booking is no longer pending",
+    POLICY_NOT_FOUND: "the venue has no capacity policy",
 }
 
 ERROR_CODES: Final = frozenset(DEFAULT_MESSAGES)

@@ -18,7 +18,7 @@ no longer has are drift too (see :mod:`service.capacity.drift`), not a metadata 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -279,19 +279,50 @@ def validate_hold_metadata(
     return problems
 
 
+def hold_metadata_problems(
+    raw: Any, table_ids: Sequence[str], policy: CapacityPolicy | None
+) -> list[MetadataProblem]:
+    """Every defect of a stored hold's metadata, all at once: the one check behind confirmation,
+    the audit, the backfill and the invalid-holds gauge.
+
+    ``raw`` is the stored JSON value (a JSON string is a defect: it was encoded twice),
+    ``table_ids`` the hold's own tables, which ``selection.tableIds`` must equal. With a
+    ``policy``, everything :func:`validate_hold_metadata` checks; without one (the hold's policy
+    revision is not on record), the shape only.
+    """
+    if not isinstance(raw, Mapping):
+        kind = "a JSON string (encoded twice?)" if isinstance(raw, str) else "not an object"
+        return [MetadataProblem("", f"the stored metadata is {kind}")]
+    problems = _schema_problems(raw) if policy is None else validate_hold_metadata(raw, policy)
+    listed = _string_list(_at(raw, "selection", "tableIds"))
+    if listed is not None and sorted(listed) != sorted(table_ids):
+        problems.append(
+            MetadataProblem(
+                "selection.tableIds",
+                f"tables {sorted(listed)} differ from the hold's tables {sorted(table_ids)}",
+            )
+        )
+    return problems
+
+
+def metadata_incomplete(problems: Sequence[MetadataProblem]) -> CapacityError:
+    """``HOLD_METADATA_INCOMPLETE`` listing every problem in ``details["problems"]`` as
+    ``{"path", "message"}`` objects."""
+    listed = "; ".join(f"{p.path or '(root)'}: {p.message}" for p in problems)
+    return CapacityError(
+        HOLD_METADATA_INCOMPLETE,
+        f"hold metadata has {len(problems)} problem(s): {listed}",
+        {"problems": [p.as_dict() for p in problems]},
+    )
+
+
 def require_valid_hold_metadata(
     raw: Mapping[str, Any] | Any, policy: CapacityPolicy
 ) -> HoldMetadata:
-    """The parsed metadata, or ``CapacityError(HOLD_METADATA_INCOMPLETE)`` listing every problem
-    in ``details["problems"]`` as ``{"path", "message"}`` objects."""
+    """The parsed metadata, or :func:`metadata_incomplete` listing every problem."""
     problems = validate_hold_metadata(raw, policy)
     if problems:
-        listed = "; ".join(f"{p.path or '(root)'}: {p.message}" for p in problems)
-        raise CapacityError(
-            HOLD_METADATA_INCOMPLETE,
-            f"hold metadata has {len(problems)} problem(s): {listed}",
-            {"problems": [p.as_dict() for p in problems]},
-        )
+        raise metadata_incomplete(problems)
     if isinstance(raw, str | bytes):
         return HoldMetadata.model_validate_json(raw)
     return HoldMetadata.model_validate(raw)

@@ -36,6 +36,9 @@ class Occupancy:
     ends_at: datetime
     expires_at: datetime | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "table_ids", tuple(self.table_ids))
+
     def blocks(self, starts_at: datetime, ends_at: datetime, now: datetime) -> bool:
         """Whether this occupancy keeps its tables from ``[starts_at, ends_at)`` at ``now``.
 

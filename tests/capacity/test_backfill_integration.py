@@ -39,11 +39,12 @@ from service.capacity.backfill import (
     IRREPARABLE_RELEASE_REASON,
     run_backfill,
 )
-from service.capacity.confirm import _checked_metadata, confirm_hold_assignment, create_hold
+from service.capacity.confirm import confirm_hold_assignment, create_hold, load_confirmation
 from service.capacity.errors import POLICY_CHANGED, CapacityError
-from service.capacity.holds import build_hold_metadata
+from service.capacity.holds import build_hold_metadata, hold_metadata_problems, metadata_incomplete
 from service.capacity.policy import CapacityPolicy, adjacency_hash, policy_version
 from service.capacity.quoting import Quote
+from service.capacity.records import PolicyRevision
 from service.db import MIGRATIONS_DIR, migrate
 from tests.capacity import make_policy, table
 from tests.factories import insert_booking, insert_venue
@@ -221,8 +222,8 @@ class World:
     url: str
     venue_id: uuid.UUID
     bare_venue_id: uuid.UUID
-    old: repo.PolicyRevision
-    new: repo.PolicyRevision
+    old: PolicyRevision
+    new: PolicyRevision
     holds: dict[uuid.UUID, Kind]
 
     def of(self, *names: str) -> list[uuid.UUID]:
@@ -315,12 +316,12 @@ def confirmation_check(url: str, hold_ids: list[uuid.UUID]) -> list[tuple[uuid.U
         for hold_id in hold_ids:
             hold = repo.get_hold(conn, hold_id)
             assert hold is not None
-            current = repo.current_policy(conn, hold.venue_id)
-            assert current is not None
-            try:
-                _checked_metadata(conn, hold, current)
-            except CapacityError as error:
-                failures.append((hold_id, str(error)))
+            held_under = load_confirmation(conn, hold.booking_id, hold_id).held_under
+            problems = hold_metadata_problems(
+                hold.metadata, hold.table_ids, None if held_under is None else held_under.policy
+            )
+            if problems:
+                failures.append((hold_id, str(metadata_incomplete(problems))))
     return failures
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import email
 import email.policy
+import itertools
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,16 +20,12 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 from psycopg.types.json import Jsonb
+from typer.testing import CliRunner
 
 from service.capacity import repository as repo
-from service.capacity.confirm import (
-    BOOKING_NOT_PENDING,
-    Hold,
-    confirm_hold_assignment,
-    confirm_with_policy_retry,
-    create_hold,
-)
+from service.capacity.confirm import confirm_hold_assignment, confirm_with_policy_retry, create_hold
 from service.capacity.errors import (
+    BOOKING_NOT_PENDING,
     HOLD_BOOKING_MISMATCH,
     HOLD_EXPIRED,
     HOLD_METADATA_INCOMPLETE,
@@ -40,6 +39,7 @@ from service.capacity.errors import (
 from service.capacity.holds import build_hold_metadata
 from service.capacity.policy import CapacityPolicy, TurnTime, policy_version
 from service.capacity.quoting import quote
+from service.capacity.records import Hold
 from service.db import DatabaseUnavailable, transaction
 from tests.capacity import make_policy, revised, table
 from tests.capacity.conftest import WebhookReceiver
@@ -417,9 +417,12 @@ def _force_hold(venue: Venue, booking_id: uuid.UUID, tables: tuple[str, ...]) ->
     return record.id
 
 
-def test_racing_confirmations_for_the_same_table_have_one_winner(venue: Venue) -> None:
+@pytest.mark.parametrize("tables", [("t1",), ("t2", "t3")], ids=["one-table", "two-tables"])
+def test_racing_confirmations_for_the_same_table_have_one_winner(
+    venue: Venue, tables: tuple[str, ...], caplog: pytest.LogCaptureFixture
+) -> None:
     contenders = [venue.booking() for _ in range(8)]
-    holds = {b: _force_hold(venue, b, ("t1",)) for b in contenders}
+    holds = {b: _force_hold(venue, b, tables) for b in contenders}
     barrier = threading.Barrier(len(contenders))
     outcomes: dict[uuid.UUID, str] = {}
 
@@ -431,6 +434,7 @@ def test_racing_confirmations_for_the_same_table_have_one_winner(venue: Venue) -
         except CapacityError as error:
             outcomes[booking_id] = error.code
 
+    caplog.set_level(logging.WARNING, logger="psycopg")
     threads = [threading.Thread(target=confirm, args=(b,)) for b in contenders]
     for t in threads:
         t.start()
@@ -443,7 +447,35 @@ def test_racing_confirmations_for_the_same_table_have_one_winner(venue: Venue) -
     for loser in set(contenders) - {winner}:
         assert booking_row(loser)["status"] == "pending"
         assert hold_row(holds[loser])["status"] == "active"
-    assert assignments(winner) == ["t1"]
+    assert assignments(winner) == sorted(tables)
+    noise = [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")]
+    assert noise == [], "a lost race must leave the connection cleanly, without psycopg warnings"
+
+
+def test_each_confirmation_that_loses_its_tables_fails_cleanly(
+    venue: Venue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lost race is an ExclusionViolation on one of several inserts; psycopg must not be left
+    with statements queued behind it (it used to warn "error ignored terminating Pipeline ...
+    pipeline aborted" for most such losers)."""
+    tables = [table(f"x{i}") for i in range(6)]
+    venue.change(tables=tables, adjacency=list(itertools.pairwise(t.id for t in tables)))
+    ids = tuple(t.id for t in tables)
+    winner = venue.booking(party_size=20)
+    confirm_hold_assignment(winner, _force_hold(venue, winner, ids), notify=lambda _: None)
+    caplog.set_level(logging.WARNING, logger="psycopg")
+
+    for _ in range(10):
+        loser = venue.booking(party_size=20)
+        hold_id = _force_hold(venue, loser, ids)
+        with pytest.raises(CapacityError) as caught:
+            confirm_hold_assignment(loser, hold_id, notify=lambda _: None)
+        assert caught.value.details["reason"] == "tables_taken"
+        assert booking_row(loser)["status"] == "pending"
+        assert hold_row(hold_id)["status"] == "active"
+
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("psycopg")] == []
+    assert overlapping_assignments() == 0
 
 
 def test_a_policy_revision_id_reused_after_a_restore_is_read_afresh(venue: Venue) -> None:
@@ -536,3 +568,54 @@ def test_metadata_written_at_creation_is_complete(venue: Venue) -> None:
     with pytest.raises(CapacityError) as caught:
         confirm_hold_assignment(booking, hold.id, notify=lambda _: None)
     assert caught.value.code == HOLD_METADATA_INCOMPLETE
+
+
+@pytest.mark.parametrize("ttl_seconds", [0, -60])
+def test_a_hold_needs_a_positive_ttl(venue: Venue, ttl_seconds: int) -> None:
+    booking = venue.booking()
+
+    with pytest.raises(ValueError, match="ttl_seconds must be a positive"):
+        create_hold(booking, ttl_seconds=ttl_seconds)
+
+    with transaction() as conn:
+        found = conn.execute(
+            "SELECT count(*) AS n FROM holds WHERE booking_id = %s", (booking,)
+        ).fetchone()
+    assert found == {"n": 0}, "nothing is held with a rejected TTL"
+
+
+def test_a_holds_ttl_is_the_one_asked_for_or_else_the_default(venue: Venue) -> None:
+    now = datetime.now(UTC)
+    short = create_hold(venue.booking(), now=now, ttl_seconds=1)
+    default = create_hold(venue.booking(starts_at=STARTS_AT + timedelta(hours=5)), now=now)
+
+    assert hold_row(short.id)["expires_at"] == now + timedelta(seconds=1)
+    assert hold_row(default.id)["expires_at"] == now + timedelta(seconds=600)
+
+
+def test_every_metadata_defect_is_reported_at_once_by_confirmation_and_audit(
+    venue: Venue,
+) -> None:
+    from service.cli import app
+
+    booking = venue.booking(party_size=2)
+    hold = create_hold(booking)
+    assert hold.table_ids == ("t1",)
+    with transaction() as conn:
+        conn.execute(
+            """UPDATE holds SET table_ids = '{t2}',
+                                metadata = metadata #- '{selection,snapshot,zoneIds}'
+               WHERE id = %s""",
+            (hold.id,),
+        )
+
+    with pytest.raises(CapacityError) as caught:
+        confirm_hold_assignment(booking, hold.id, notify=Notified())
+
+    expected = ["selection.snapshot.zoneIds", "selection.tableIds"]
+    assert caught.value.code == HOLD_METADATA_INCOMPLETE
+    assert sorted(p["path"] for p in caught.value.details["problems"]) == expected
+    audit = CliRunner().invoke(app, ["holds", "audit", "--json"])
+    assert audit.exit_code == 1, audit.output
+    report = json.loads(audit.output.strip().splitlines()[-1])
+    assert sorted(report["problemsByPath"]) == expected
