@@ -11,10 +11,9 @@ from types import FrameType
 import pytest
 import redis
 
-from service.actors import ACTORS
 from service.app import App
 from service.db import migrate
-from service.worker import bind
+from tests.current_app import running_app
 from tests.harness.servers import PostgresServer, RedisServer, SmtpSink
 
 
@@ -92,9 +91,5 @@ def service_env(
 @pytest.fixture
 def app(service_env: dict[str, str]) -> Iterator[App]:
     """The service's composition root for this test, with every actor bound to its broker."""
-    application = App.for_worker(service_env)
-    bind(application)
-    yield application
-    for actor in ACTORS:
-        actor.unbind()
-    application.close()
+    with running_app(service_env) as application:
+        yield application

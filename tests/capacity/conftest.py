@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.current_app import running_app
 from tests.harness.servers import free_port, wait_for
 
 WEBHOOK_SECRET = "whsec-test-0123456789"
@@ -113,10 +114,8 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
 def capacity_env(
     service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Any
 ) -> Iterator[dict[str, str]]:
-    """The service environment plus webhook signing, fast outbox retries and requote on."""
-    from service import db
-    from service.config import reset_settings
-
+    """The service environment plus webhook signing, fast outbox retries and requote on; the
+    test's App is built from it."""
     extra = {
         "WEBHOOK_SIGNING_SECRET": WEBHOOK_SECRET,
         "WEBHOOK_TIMEOUT_SECONDS": "5",
@@ -130,8 +129,6 @@ def capacity_env(
     }
     for key, value in extra.items():
         monkeypatch.setenv(key, value)
-    reset_settings()
-    db.close_pool()
-    yield {**service_env, **extra}
-    db.close_pool()
-    reset_settings()
+    env = {**service_env, **extra}
+    with running_app(env):
+        yield env

@@ -47,6 +47,7 @@ from service.capacity.quoting import Quote
 from service.capacity.records import PolicyRevision
 from service.db import MIGRATIONS_DIR, migrate
 from tests.capacity import make_policy, table
+from tests.current_app import capacity, current_app, relay
 from tests.factories import insert_booking, insert_venue
 from tests.harness.servers import PostgresServer, SmtpSink
 
@@ -374,11 +375,11 @@ def test_rollout_migrate_dry_run_backfill_audit_repairs_everything_repairable(
     with connect(url) as conn:
         assert count_active_holds_by_validity(conn)["invalid"] > 0
 
-    dry = run_backfill(dry_run=True, batch_size=250)
+    dry = run_backfill(current_app().db, dry_run=True, batch_size=250)
     assert snapshot(url) == before
     assert dry.constraint == "not validated (needs a complete run over every venue)"
 
-    summary = run_backfill(batch_size=250)
+    summary = run_backfill(current_app().db, batch_size=250)
     expected = Counter(kind.expect for kind in world.holds.values())
     assert summary.scanned == sum(1 for k in world.holds.values() if k.status == "active")
     assert summary.already_valid == expected["valid"]
@@ -464,7 +465,7 @@ def test_rollout_migrate_dry_run_backfill_audit_repairs_everything_repairable(
 
     # a second run changes nothing
     settled = snapshot(url)
-    again = run_backfill(batch_size=97)
+    again = run_backfill(current_app().db, batch_size=97)
     assert (again.repaired, again.irreparable, again.expired_released) == (0, 0, 0)
     assert again.already_valid == again.scanned
     assert again.lock_ms == []
@@ -477,18 +478,18 @@ def test_repaired_holds_confirm_or_meet_policy_drift_never_incomplete_metadata(
     world = seed(capacity_env["DATABASE_URL"], {"no_version": 3, "legacy": 2, "no_snapshot_old": 3})
     migrate(world.url)
     incomplete = metric("booking_confirmations_incomplete_metadata_total")
-    run_backfill()
+    run_backfill(current_app().db)
     with connect(world.url) as conn:
         booking_of = {
             r["id"]: r["booking_id"]
             for r in conn.execute("SELECT id, booking_id FROM holds").fetchall()
         }
     for hold_id in world.of("no_version", "legacy"):
-        done = confirm_hold_assignment(booking_of[hold_id], hold_id, notify=lambda _: None)
+        done = confirm_hold_assignment(capacity(lambda _: None), booking_of[hold_id], hold_id)
         assert done.hold_id == hold_id
     for hold_id in world.of("no_snapshot_old"):
         with pytest.raises(CapacityError) as caught:
-            confirm_hold_assignment(booking_of[hold_id], hold_id, notify=lambda _: None)
+            confirm_hold_assignment(capacity(lambda _: None), booking_of[hold_id], hold_id)
         assert caught.value.code == POLICY_CHANGED
         assert caught.value.details["expectedVersion"] == world.old.version
     assert metric("booking_confirmations_incomplete_metadata_total") == incomplete
@@ -497,13 +498,11 @@ def test_repaired_holds_confirm_or_meet_policy_drift_never_incomplete_metadata(
 def test_the_relay_delivers_the_irreparable_release_to_the_venue_admins(
     capacity_env: dict[str, str], smtp_sink: SmtpSink
 ) -> None:
-    from service.outbox.relay import Relay
-
     world = seed(capacity_env["DATABASE_URL"], {"legacy_gone_table": 1, "valid_new": 1})
     migrate(world.url)
-    summary = run_backfill()
+    summary = run_backfill(current_app().db)
     assert summary.irreparable == 1
-    result = Relay(batch_size=10).run_once()
+    result = relay(batch_size=10).run_once()
     assert result.delivered == 1
     (message,) = [
         email.message_from_bytes(raw, policy=email.policy.default) for raw in smtp_sink.messages()
@@ -608,13 +607,13 @@ def test_holds_created_while_the_backfill_runs_are_valid_and_left_alone(
             for booking_id in fresh:
                 if stop.is_set():
                     return
-                created.append(create_hold(booking_id).id)
+                created.append(create_hold(capacity(), booking_id).id)
         except BaseException as error:
             errors.append(error)
 
     booker = threading.Thread(target=book)
     booker.start()
-    summary = run_backfill(batch_size=50)
+    summary = run_backfill(current_app().db, batch_size=50)
     stop.set()
     booker.join(60)
     assert errors == []
@@ -648,7 +647,7 @@ def test_holds_locked_by_a_confirmation_are_skipped_then_picked_up(
     locker.start()
     assert locked.wait(10)
     threading.Timer(0.15, release.set).start()
-    summary = run_backfill()
+    summary = run_backfill(current_app().db)
     locker.join(10)
     assert (summary.repaired, summary.busy) == (5, 0)
     assert all_problems(world.url) == {}
@@ -657,7 +656,7 @@ def test_holds_locked_by_a_confirmation_are_skipped_then_picked_up(
 def test_a_venue_filter_only_touches_that_venue(capacity_env: dict[str, str]) -> None:
     world = seed(capacity_env["DATABASE_URL"], {"empty": 4, "no_policy": 3})
     migrate(world.url)
-    summary = run_backfill(venue_id=world.bare_venue_id)
+    summary = run_backfill(current_app().db, venue_id=world.bare_venue_id)
     assert (summary.scanned, summary.irreparable, summary.repaired) == (3, 3, 0)
     assert summary.constraint.startswith("not validated")
     assert set(all_problems(world.url)) == set(world.of("empty"))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from dataclasses import replace
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,9 +41,10 @@ from service.capacity.holds import build_hold_metadata
 from service.capacity.policy import CapacityPolicy, TurnTime, policy_version
 from service.capacity.quoting import quote
 from service.capacity.records import Hold
-from service.db import DatabaseUnavailable, transaction
+from service.db import DatabaseConflict, DatabaseUnavailable
 from tests.capacity import make_policy, revised, table
 from tests.capacity.conftest import WebhookReceiver
+from tests.current_app import capacity, current_app, transaction
 from tests.factories import insert_booking, insert_venue
 from tests.harness.servers import SmtpSink
 
@@ -146,13 +148,13 @@ def venue(capacity_env: dict[str, str], webhook_receiver: WebhookReceiver) -> Ve
 
 def test_confirms_the_first_time_and_emails_after_commit(venue: Venue) -> None:
     booking = venue.booking(party_size=2)
-    hold = create_hold(booking)
+    hold = create_hold(capacity(), booking)
     assert hold.table_ids == ("t1",)
     assert hold_row(hold.id)["metadata"]["policyVersion"] == policy_version(venue.policy)
     before = metric("booking_confirmations_total", outcome="confirmed")
     notified = Notified()
 
-    result = confirm_with_policy_retry(booking, hold.id, notify=notified)
+    result = confirm_with_policy_retry(capacity(notified), booking, hold.id)
 
     assert (result.outcome, result.cycles, result.hold_id) == ("confirmed", 0, hold.id)
     row = booking_row(booking)
@@ -173,7 +175,7 @@ def test_the_confirmed_email_goes_through_the_pipeline(venue: Venue) -> None:
         pytest.skip("the email actor is not bound to a Redis broker in this run")
     booking = venue.booking()
 
-    confirm_hold_assignment(booking, create_hold(booking).id)
+    confirm_hold_assignment(capacity(), booking, create_hold(capacity(), booking).id)
 
     queued = [m.decode() for m in client.hvals(f"dramatiq:{QUEUE}.msgs")]
     assert any(str(booking) in m and "confirmed" in m for m in queued)
@@ -181,12 +183,12 @@ def test_the_confirmed_email_goes_through_the_pipeline(venue: Venue) -> None:
 
 def test_recovers_after_one_cycle(venue: Venue) -> None:
     booking = venue.booking(party_size=2)
-    hold = create_hold(booking)
+    hold = create_hold(capacity(), booking)
     venue.change(tables=[t for t in venue.policy.tables if t.id != "t1"])
     detected = metric("booking_policy_drift_total", outcome="detected")
     recovered = metric("booking_policy_drift_total", outcome="recovered")
 
-    result = confirm_with_policy_retry(booking, hold.id, notify=Notified())
+    result = confirm_with_policy_retry(capacity(Notified()), booking, hold.id)
 
     assert (result.outcome, result.cycles) == ("recovered", 1)
     assert result.hold_id != hold.id
@@ -207,7 +209,7 @@ def test_recovers_after_one_cycle(venue: Venue) -> None:
 
 def test_recovers_after_two_cycles(venue: Venue) -> None:
     booking = venue.booking(party_size=4)
-    hold = create_hold(booking)
+    hold = create_hold(capacity(), booking)
     venue.bump_turn_time()
     changes: list[int] = []
 
@@ -217,7 +219,7 @@ def test_recovers_after_two_cycles(venue: Venue) -> None:
             changes.append(cycle)
 
     result = confirm_with_policy_retry(
-        booking, hold.id, notify=Notified(), after_requote=during_requote
+        capacity(Notified()), booking, hold.id, after_requote=during_requote
     )
 
     assert (result.outcome, result.cycles) == ("recovered", 2)
@@ -258,12 +260,15 @@ def test_escalates_when_the_policy_keeps_changing(
     venue: Venue, webhook_receiver: WebhookReceiver, smtp_sink: SmtpSink
 ) -> None:
     booking = venue.booking(party_size=2)
-    hold = create_hold(booking)
+    hold = create_hold(capacity(), booking)
     venue.bump_turn_time()
     escalated = metric("booking_confirmations_total", outcome="escalated")
 
     result = confirm_with_policy_retry(
-        booking, hold.id, notify=Notified(), after_requote=lambda cycle, _: venue.bump_turn_time()
+        capacity(Notified()),
+        booking,
+        hold.id,
+        after_requote=lambda cycle, _: venue.bump_turn_time(),
     )
 
     assert result.outcome == "escalated"
@@ -295,12 +300,12 @@ def test_escalates_when_no_table_fits_the_new_policy(
     venue: Venue, webhook_receiver: WebhookReceiver, smtp_sink: SmtpSink
 ) -> None:
     booking = venue.booking(party_size=4)
-    hold = create_hold(booking)
+    hold = create_hold(capacity(), booking)
     venue.change(
         tables=[t.model_copy(update={"status": "out_of_service"}) for t in venue.policy.tables]
     )
 
-    result = confirm_with_policy_retry(booking, hold.id, notify=Notified())
+    result = confirm_with_policy_retry(capacity(Notified()), booking, hold.id)
 
     assert (result.outcome, result.cycles) == ("escalated", 1)
     assert result.error is not None and result.error.code == POLICY_REQUOTE_FAILED
@@ -313,22 +318,20 @@ def test_escalates_when_no_table_fits_the_new_policy(
     assert "no table" in message.get_body(preferencelist=("plain",)).get_content()  # type: ignore[union-attr]
 
     with pytest.raises(CapacityError) as caught:
-        confirm_with_policy_retry(booking, hold.id, notify=Notified())
+        confirm_with_policy_retry(capacity(Notified()), booking, hold.id)
     assert caught.value.code == HOLD_EXPIRED, "a redelivered request finds the hold released"
 
 
-def test_flag_off_surfaces_policy_changed(venue: Venue, monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.config import reset_settings
-
-    monkeypatch.setenv("FEATURE_POLICY_REQUOTE_ENABLED", "false")
-    reset_settings()
+def test_flag_off_surfaces_policy_changed(venue: Venue) -> None:
+    """The flag's environment default is off (no Unleash in this test)."""
+    flag_off = replace(capacity(Notified()), requote_enabled=lambda _venue: False)
     booking = venue.booking()
-    hold = create_hold(booking)
+    hold = create_hold(capacity(), booking)
     expected = policy_version(venue.policy)
     venue.bump_turn_time()
 
     with pytest.raises(CapacityError) as caught:
-        confirm_with_policy_retry(booking, hold.id, notify=Notified())
+        confirm_with_policy_retry(flag_off, booking, hold.id)
 
     error = caught.value
     assert error.code == POLICY_CHANGED
@@ -345,12 +348,12 @@ def _rejected(code: str) -> float:
 
 def test_each_rejection_code(venue: Venue) -> None:
     booking, other = venue.booking(), venue.booking(starts_at=STARTS_AT + timedelta(hours=5))
-    hold, other_hold = create_hold(booking), create_hold(other)
+    hold, other_hold = create_hold(capacity(), booking), create_hold(capacity(), other)
     counts = {c: _rejected(c) for c in (HOLD_NOT_FOUND, HOLD_BOOKING_MISMATCH, HOLD_EXPIRED)}
 
     def code_of(booking_id: uuid.UUID, hold_id: uuid.UUID) -> CapacityError:
         with pytest.raises(CapacityError) as caught:
-            confirm_with_policy_retry(booking_id, hold_id, notify=Notified())
+            confirm_with_policy_retry(capacity(Notified()), booking_id, hold_id)
         return caught.value
 
     missing = code_of(booking, uuid.uuid4())
@@ -429,7 +432,7 @@ def test_racing_confirmations_for_the_same_table_have_one_winner(
     def confirm(booking_id: uuid.UUID) -> None:
         barrier.wait()
         try:
-            confirm_hold_assignment(booking_id, holds[booking_id], notify=lambda _: None)
+            confirm_hold_assignment(capacity(lambda _: None), booking_id, holds[booking_id])
             outcomes[booking_id] = "confirmed"
         except CapacityError as error:
             outcomes[booking_id] = error.code
@@ -462,14 +465,14 @@ def test_each_confirmation_that_loses_its_tables_fails_cleanly(
     venue.change(tables=tables, adjacency=list(itertools.pairwise(t.id for t in tables)))
     ids = tuple(t.id for t in tables)
     winner = venue.booking(party_size=20)
-    confirm_hold_assignment(winner, _force_hold(venue, winner, ids), notify=lambda _: None)
+    confirm_hold_assignment(capacity(lambda _: None), winner, _force_hold(venue, winner, ids))
     caplog.set_level(logging.WARNING, logger="psycopg")
 
     for _ in range(10):
         loser = venue.booking(party_size=20)
         hold_id = _force_hold(venue, loser, ids)
         with pytest.raises(CapacityError) as caught:
-            confirm_hold_assignment(loser, hold_id, notify=lambda _: None)
+            confirm_hold_assignment(capacity(lambda _: None), loser, hold_id)
         assert caught.value.details["reason"] == "tables_taken"
         assert booking_row(loser)["status"] == "pending"
         assert hold_row(hold_id)["status"] == "active"
@@ -500,20 +503,20 @@ def test_a_policy_revision_id_reused_after_a_restore_is_read_afresh(venue: Venue
 def test_an_expired_hold_does_not_block_a_new_one(venue: Venue) -> None:
     venue.change(tables=[venue.policy.tables[0]], adjacency=[])
     first, second = venue.booking(), venue.booking()
-    stale = create_hold(first)
+    stale = create_hold(capacity(), first)
     with pytest.raises(CapacityError) as caught:
-        create_hold(second)
+        create_hold(capacity(), second)
     assert caught.value.code == NO_AVAILABILITY
 
     with transaction() as conn:
         conn.execute(
             "UPDATE holds SET expires_at = now() - interval '1 second' WHERE id = %s", (stale.id,)
         )
-    fresh = create_hold(second)
+    fresh = create_hold(capacity(), second)
 
     assert fresh.table_ids == stale.table_ids == ("t1",)
     assert hold_row(stale.id)["status"] == "active", "never swept, and still not blocking"
-    confirm_hold_assignment(second, fresh.id, notify=lambda _: None)
+    confirm_hold_assignment(capacity(lambda _: None), second, fresh.id)
     assert assignments(second) == ["t1"]
 
 
@@ -521,19 +524,21 @@ def test_the_actor_is_idempotent_and_retries_only_outages(venue: Venue) -> None:
     from service.actors.capacity import InvalidConfirmPayload, run, should_retry
 
     booking = venue.booking()
-    hold = create_hold(booking)
+    hold = create_hold(capacity(), booking)
     venue.bump_turn_time()
 
-    first = run(str(booking), str(hold.id))
-    again = run(str(booking), str(hold.id))
+    app = current_app()
+    first = run(app, str(booking), str(hold.id))
+    again = run(app, str(booking), str(hold.id))
 
     assert (first["outcome"], first["cycles"]) == ("recovered", 1)
     assert again["outcome"] == "already_confirmed"
     assert len(assignments(booking)) == 1
-    assert run(str(booking), str(uuid.uuid4()))["code"] == HOLD_NOT_FOUND
+    assert run(app, str(booking), str(uuid.uuid4()))["code"] == HOLD_NOT_FOUND
     with pytest.raises(InvalidConfirmPayload):
-        run("not-a-uuid", str(hold.id))
+        run(app, "not-a-uuid", str(hold.id))
     assert should_retry(0, DatabaseUnavailable("down"))
+    assert should_retry(0, DatabaseConflict("deadlock"))
     assert not should_retry(0, InvalidConfirmPayload("bad"))
     assert not should_retry(0, CapacityError(HOLD_EXPIRED))
 
@@ -544,7 +549,7 @@ def test_the_actor_runs_on_a_real_worker(venue: Venue) -> None:
     from service.actors.capacity import QUEUE, confirm_booking
 
     booking = venue.booking()
-    hold = create_hold(booking)
+    hold = create_hold(capacity(), booking)
     broker = confirm_booking.broker
     worker = dramatiq.Worker(broker, queues={QUEUE}, worker_threads=1, worker_timeout=100)
     worker.start()
@@ -558,7 +563,7 @@ def test_the_actor_runs_on_a_real_worker(venue: Venue) -> None:
 
 def test_metadata_written_at_creation_is_complete(venue: Venue) -> None:
     booking = venue.booking(party_size=6)
-    hold = create_hold(booking)
+    hold = create_hold(capacity(), booking)
     metadata = hold_row(hold.id)["metadata"]
     assert set(hold.table_ids) == {"t2", "t3"}
     assert metadata["selection"]["tableIds"] == ["t2", "t3"]
@@ -566,7 +571,7 @@ def test_metadata_written_at_creation_is_complete(venue: Venue) -> None:
     with transaction() as conn:
         conn.execute("UPDATE holds SET metadata = %s WHERE id = %s", (Jsonb({}), hold.id))
     with pytest.raises(CapacityError) as caught:
-        confirm_hold_assignment(booking, hold.id, notify=lambda _: None)
+        confirm_hold_assignment(capacity(lambda _: None), booking, hold.id)
     assert caught.value.code == HOLD_METADATA_INCOMPLETE
 
 
@@ -575,7 +580,7 @@ def test_a_hold_needs_a_positive_ttl(venue: Venue, ttl_seconds: int) -> None:
     booking = venue.booking()
 
     with pytest.raises(ValueError, match="ttl_seconds must be a positive"):
-        create_hold(booking, ttl_seconds=ttl_seconds)
+        create_hold(capacity(), booking, ttl_seconds=ttl_seconds)
 
     with transaction() as conn:
         found = conn.execute(
@@ -586,8 +591,10 @@ def test_a_hold_needs_a_positive_ttl(venue: Venue, ttl_seconds: int) -> None:
 
 def test_a_holds_ttl_is_the_one_asked_for_or_else_the_default(venue: Venue) -> None:
     now = datetime.now(UTC)
-    short = create_hold(venue.booking(), now=now, ttl_seconds=1)
-    default = create_hold(venue.booking(starts_at=STARTS_AT + timedelta(hours=5)), now=now)
+    short = create_hold(capacity(), venue.booking(), now=now, ttl_seconds=1)
+    default = create_hold(
+        capacity(), venue.booking(starts_at=STARTS_AT + timedelta(hours=5)), now=now
+    )
 
     assert hold_row(short.id)["expires_at"] == now + timedelta(seconds=1)
     assert hold_row(default.id)["expires_at"] == now + timedelta(seconds=600)
@@ -599,7 +606,7 @@ def test_every_metadata_defect_is_reported_at_once_by_confirmation_and_audit(
     from service.cli import app
 
     booking = venue.booking(party_size=2)
-    hold = create_hold(booking)
+    hold = create_hold(capacity(), booking)
     assert hold.table_ids == ("t1",)
     with transaction() as conn:
         conn.execute(
@@ -610,7 +617,7 @@ def test_every_metadata_defect_is_reported_at_once_by_confirmation_and_audit(
         )
 
     with pytest.raises(CapacityError) as caught:
-        confirm_hold_assignment(booking, hold.id, notify=Notified())
+        confirm_hold_assignment(capacity(Notified()), booking, hold.id)
 
     expected = ["selection.snapshot.zoneIds", "selection.tableIds"]
     assert caught.value.code == HOLD_METADATA_INCOMPLETE
