@@ -7,11 +7,13 @@ value stops the process at start with a message naming the variable.
 from __future__ import annotations
 
 from functools import lru_cache
+from ipaddress import ip_network
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import AnyUrl, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AnyUrl, Field, IPvAnyNetwork, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ConfigError(RuntimeError):
@@ -65,7 +67,10 @@ class Settings(BaseSettings):
     hold_ttl_seconds: int = Field(default=600, ge=10)
     quote_max_tables: int = Field(default=3, ge=1, le=6)
     webhook_signing_secret: SecretStr | None = None
-    webhook_timeout_seconds: float = 5.0
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0)
+    webhook_allow_http: bool = False
+    webhook_allowed_networks: Annotated[tuple[IPvAnyNetwork, ...], NoDecode] = ()
+    webhook_ca_file: Path | None = None
     outbox_max_attempts: int = Field(default=8, ge=1)
     outbox_min_backoff_seconds: float = Field(default=5.0, gt=0)
     outbox_poll_interval_seconds: float = Field(default=1.0, gt=0)
@@ -93,6 +98,21 @@ class Settings(BaseSettings):
     def _smtp_scheme(cls, v: SecretStr) -> SecretStr:
         _require_scheme(v.get_secret_value(), ("smtp", "smtps"), "SMTP_URL")
         return v
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: Any) -> Any:
+        """Comma-separated CIDRs, each checked here so that the message names the bad one."""
+        if not isinstance(v, str):
+            return v
+        networks = []
+        for part in (p.strip() for p in v.split(",")):
+            if part:
+                try:
+                    networks.append(ip_network(part))
+                except ValueError as error:
+                    raise ValueError(f"{part!r} is not a network in CIDR form: {error}") from None
+        return tuple(networks)
 
     @property
     def broker_kind(self) -> str:
