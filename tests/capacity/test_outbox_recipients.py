@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -13,7 +14,7 @@ from service.outbox import store, write_event
 from service.outbox.notifications import POLICY_DRIFT_ESCALATED
 from service.outbox.relay import Relay
 from tests.capacity.conftest import WebhookReceiver
-from tests.capacity.test_outbox_integration import _payload, _row
+from tests.capacity.test_outbox_integration import _cli, _payload, _row
 from tests.factories import insert_venue
 from tests.harness.servers import SmtpSink
 
@@ -107,6 +108,11 @@ def test_an_admin_refused_with_550_is_dead_for_that_admin_and_the_others_get_it_
     assert smtp_sink.deliveries() == [ok]
     assert len(webhook_receiver.requests) == 1
     assert _delta(before) == {"delivered": 1, "deferred": 0, "refused": 1}
+    (listed,) = [
+        json.loads(line) for line in _cli("list", "--status", "dead", "--json").stdout.splitlines()
+    ]
+    assert listed["dead_targets"] == row["dead_targets"]
+    assert sorted(listed["delivered_targets"]) == [f"email:{ok}", "webhook"]
 
 
 def test_a_refused_admin_is_not_retried_while_a_deferred_one_is(
