@@ -149,6 +149,14 @@ def webhook_body(event: OutboxEvent, notification: Notification) -> bytes:
     return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+def _host(url: str | None) -> str:
+    """The host named by ``url`` for messages, ``?`` when there is none to show."""
+    try:
+        return httpx.URL(url or "").host or "?"
+    except httpx.InvalidURL:
+        return "?"
+
+
 def _excerpt(body: bytes) -> str:
     text = " ".join(body.decode("utf-8", "replace").split())
     return text[:_BODY_EXCERPT_CHARS]
@@ -170,7 +178,7 @@ def post_webhook(url: str, event: OutboxEvent, notification: Notification) -> No
         "X-Booking-Delivery-Attempt": str(event.attempts),
         **signed_headers(settings.webhook_signing_secret.get_secret_value(), body),
     }
-    host = httpx.URL(url).host if "://" in url else "?"
+    host = _host(url)
     try:
         answer = egress.post(
             url,
@@ -193,9 +201,8 @@ def post_webhook(url: str, event: OutboxEvent, notification: Notification) -> No
     if 200 <= status < 300:
         return
     if 300 <= status < 400:
-        target = httpx.URL(answer.location).host if answer.location else "?"
         raise DeliveryError(
-            f"webhook to {host} answered HTTP {status} (a redirect to {target or '?'}); "
+            f"webhook to {host} answered HTTP {status} (a redirect to {_host(answer.location)}); "
             "redirects are not followed",
             permanent=True,
         )

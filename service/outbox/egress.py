@@ -157,7 +157,11 @@ async def _post(
                 f"webhook host {host} is not allowed: {reason} "
                 "(WEBHOOK_ALLOWED_NETWORKS can permit it)"
             )
-    pinned_headers = {**headers, "Host": url.netloc.decode("ascii")}
+    pinned_headers = {
+        "Accept-Encoding": "identity",
+        **headers,
+        "Host": url.netloc.decode("ascii"),
+    }
     async with httpx.AsyncClient(
         verify=tls, trust_env=False, follow_redirects=False, timeout=timeout
     ) as client:

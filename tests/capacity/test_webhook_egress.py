@@ -261,3 +261,19 @@ def test_the_whole_exchange_has_one_deadline(
     assert "webhook to 127.0.0.1: no answer within 1s" in row["last_error"]
     assert row["dead_targets"] == {}, "a timeout is retried"
     assert elapsed < 3, f"took {elapsed:.1f}s: each byte must not restart the clock"
+
+
+def _bad_request(conn: socket.socket, stop: threading.Event) -> None:
+    body = b"invalid   signature\n" + b"x" * 10_000
+    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+def test_a_client_error_is_permanent_and_quotes_the_start_of_the_answer(
+    capacity_env: dict[str, str],
+) -> None:
+    with RawServer(_bad_request) as server:
+        event_id = _event([_admin()], server.url)
+        assert Relay().run_once().dead == 1
+    reason = _row(event_id)["dead_targets"]["webhook"]
+    assert reason.startswith("webhook to 127.0.0.1 answered HTTP 400: invalid signature xxx")
+    assert len(reason) < 300
