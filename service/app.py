@@ -99,7 +99,7 @@ class App:
     @cached_property
     def outbox_handlers(self) -> Mapping[str, Handler]:
         """Event type -> handler; each feature's event types are registered here."""
-        postbox = Postbox(self.db, self.mailer.send, self.settings)
+        postbox = Postbox(self.db, self.mailer.send_to, self.settings)
         return {
             POLICY_DRIFT_ESCALATED: AdminNotificationHandler(
                 format_policy_drift_escalation, postbox

@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from email.utils import parseaddr
+from ipaddress import ip_network
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
@@ -20,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     field_validator,
@@ -95,6 +98,9 @@ class Settings(BaseModel):
     quote_max_tables: int = Field(default=3, ge=1, le=6)
     webhook_signing_secret: SecretStr | None = None
     webhook_timeout_seconds: float = Field(default=5.0, gt=0)
+    webhook_allow_http: bool = False
+    webhook_allowed_networks: tuple[IPvAnyNetwork, ...] = ()
+    webhook_ca_file: Path | None = None
     outbox_max_attempts: int = Field(default=8, ge=1)
     outbox_min_backoff_seconds: float = Field(default=5.0, gt=0)
     outbox_poll_interval_seconds: float = Field(default=1.0, gt=0)
@@ -171,6 +177,21 @@ class Settings(BaseModel):
         if v.upper() not in LOG_LEVELS:
             raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
         return v.upper()
+
+    @field_validator("webhook_allowed_networks", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: Any) -> Any:
+        """Comma-separated CIDRs, each checked here so that the message names the bad one."""
+        if not isinstance(v, str):
+            return v
+        networks = []
+        for part in (p.strip() for p in v.split(",")):
+            if part:
+                try:
+                    networks.append(ip_network(part))
+                except ValueError as error:
+                    raise ValueError(f"{part!r} is not a network in CIDR form: {error}") from None
+        return tuple(networks)
 
     @property
     def broker_kind(self) -> str:

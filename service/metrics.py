@@ -73,3 +73,16 @@ DEAD_LETTERS_RECORDED = Counter(
     "Messages recorded as dead letters in Postgres, by queue and reason.",
     ["queue", "reason"],
 )
+OUTBOX_RECIPIENTS = Counter(
+    "booking_outbox_recipients_total",
+    "Outbox email recipients per delivery attempt, by outcome (delivered, deferred: will be "
+    "retried, refused: dead for that recipient).",
+    ["outcome"],
+)
+for _outcome in ("delivered", "deferred", "refused"):
+    OUTBOX_RECIPIENTS.labels(_outcome)
+SMTP_AUTH_FAILURES = Counter(
+    "booking_smtp_auth_failures_total",
+    "SMTP servers refusing our credentials (535, or AUTH required but refused): a configuration "
+    "error, never retried.",
+)

@@ -1,16 +1,39 @@
-"""SMTP transport: one reused connection per thread, failures classified as transient or permanent."""
+"""SMTP transport: one reused connection per thread, failures classified as transient or permanent.
+
+``smtplib`` raises only when the server refuses every recipient of a message; otherwise it
+returns the refused ones. ``send_to`` reports them per recipient (a 4xx is deferred, a 5xx
+refused) so that a caller with several recipients can retry or give up on each; ``send``, for
+one-recipient guest emails, raises when any recipient is refused.
+
+A server that refuses our credentials is a configuration error, :class:`SmtpAuthenticationError`:
+permanent (retrying with the same SMTP_URL cannot help), counted in
+``booking_smtp_auth_failures_total``, and reported in this process's heartbeat record so that the
+readiness probe fails until a message goes through again.
+"""
 
 from __future__ import annotations
 
 import smtplib
 import ssl
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.message import Message
+from email.utils import getaddresses
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from service.config import Settings
+from service.logs import get_logger
+from service.metrics import SMTP_AUTH_FAILURES
+from service.observability.heartbeat import clear_unready, report_unready
 from service.resilience import PermanentError, ServiceError, TransientError
+
+log = get_logger(__name__)
+
+AUTH_FAILED = "SMTP authentication failed: check SMTP_URL credentials"
+UNREADY_KEY = "smtp"
+_AUTH_REQUIRED_CODE = 530
+_REPLY_CHARS = 200
 
 
 class SmtpError(ServiceError):
@@ -27,6 +50,34 @@ class TransientSmtpError(SmtpError, TransientError):
 
 class PermanentSmtpError(SmtpError, PermanentError):
     pass
+
+
+class SmtpAuthenticationError(PermanentSmtpError):
+    """The server refused our credentials, or requires some we do not send: fix SMTP_URL."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The server's answer to one refused recipient."""
+
+    code: int
+    reply: str
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.reply}".strip()
+
+
+def _reply_text(reply: bytes | str) -> str:
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    return " ".join(text.split())[:_REPLY_CHARS]
+
+
+def _refusals(recipients: Mapping[str, tuple[int, bytes]]) -> dict[str, Refusal]:
+    return {addr: Refusal(code, _reply_text(reply)) for addr, (code, reply) in recipients.items()}
 
 
 @dataclass(frozen=True)
@@ -53,24 +104,60 @@ class SmtpTarget:
             password=unquote(parts.password) if parts.password else None,
         )
 
+    @property
+    def credentials_in_clear(self) -> bool:
+        return bool(self.username) and not (self.implicit_tls or self.starttls)
+
+
+def _auth_failed(detail: str, code: int | None = None) -> SmtpAuthenticationError:
+    """Count and report an authentication failure (never with the credentials themselves)."""
+    message = f"{AUTH_FAILED} ({detail})"
+    SMTP_AUTH_FAILURES.inc()
+    report_unready(UNREADY_KEY, message)
+    log.error("SMTP authentication failed", code=code, detail=detail)
+    return SmtpAuthenticationError(message, code)
+
 
 def _classify(error: Exception) -> SmtpError:
     if isinstance(error, smtplib.SMTPRecipientsRefused):
-        codes = [code for code, _ in error.recipients.values()]
-        if codes and all(code >= 500 for code in codes):
-            return PermanentSmtpError(f"recipient refused ({codes[0]})", codes[0])
-        return TransientSmtpError(
-            f"recipient deferred ({codes[0] if codes else '?'})", codes[0] if codes else None
-        )
-    if isinstance(error, smtplib.SMTPAuthenticationError):
-        return TransientSmtpError(
-            f"SMTP authentication failed ({error.smtp_code})", error.smtp_code
-        )
+        return _refused_error(_refusals(error.recipients))
     if isinstance(error, smtplib.SMTPResponseException):
         code = error.smtp_code
+        if code == _AUTH_REQUIRED_CODE:
+            return _auth_failed(f"{code} {_reply_text(error.smtp_error)}", code)
         kind = PermanentSmtpError if 500 <= code < 600 else TransientSmtpError
         return kind(f"SMTP {code}: {error.smtp_error!r:.200}", code)
     return TransientSmtpError(f"SMTP connection failed: {type(error).__name__}: {error}")
+
+
+def _refused_error(refused: Mapping[str, Refusal]) -> SmtpError:
+    """One error for a message whose recipients were (some or all) refused: permanent when every
+    refusal is, an authentication failure when every one is a 530."""
+    answers = list(refused.values())
+    if all(a.code == _AUTH_REQUIRED_CODE for a in answers):
+        return _auth_failed(str(answers[0]), _AUTH_REQUIRED_CODE)
+    deferred = [a for a in answers if not a.permanent]
+    if deferred:
+        return TransientSmtpError(f"recipient deferred ({deferred[0]})", deferred[0].code)
+    return PermanentSmtpError(f"recipient refused ({answers[0]})", answers[0].code)
+
+
+_plaintext_warned = False
+_plaintext_lock = threading.Lock()
+
+
+def _warn_credentials_in_clear(target: SmtpTarget) -> None:
+    """Once per process: the username and password are about to cross the network unencrypted."""
+    global _plaintext_warned
+    with _plaintext_lock:
+        if _plaintext_warned:
+            return
+        _plaintext_warned = True
+    log.warning(
+        "SMTP credentials are sent without TLS: use smtps:// or ?starttls=true in SMTP_URL",
+        host=target.host,
+        port=target.port,
+    )
 
 
 class SmtpTransport:
@@ -92,30 +179,81 @@ class SmtpTransport:
             conn = smtplib.SMTP_SSL(t.host, t.port, timeout=self.timeout, context=self._tls())
         else:
             conn = smtplib.SMTP(t.host, t.port, timeout=self.timeout)
+        try:
             if t.starttls:
                 conn.starttls(context=self._tls())
-        if t.username:
-            conn.login(t.username, t.password or "")
+            if t.username:
+                if t.credentials_in_clear:
+                    _warn_credentials_in_clear(t)
+                self._login(conn, t.username, t.password or "")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
-    def send(self, message: Message) -> None:
-        """Hand ``message`` to the server; raises TransientSmtpError or PermanentSmtpError."""
+    @staticmethod
+    def _login(conn: smtplib.SMTP, username: str, password: str) -> None:
+        try:
+            conn.login(username, password)
+        except smtplib.SMTPAuthenticationError as error:
+            code = error.smtp_code
+            if 400 <= code < 500:
+                raise TransientSmtpError(
+                    f"SMTP authentication temporarily failed ({code})", code
+                ) from error
+            raise _auth_failed(f"{code} {_reply_text(error.smtp_error)}", code) from error
+        except smtplib.SMTPNotSupportedError as error:
+            raise _auth_failed("the server offers no AUTH on this connection") from error
+        except (smtplib.SMTPServerDisconnected, smtplib.SMTPResponseException):
+            raise
+        except smtplib.SMTPException as error:
+            raise _auth_failed(str(error)) from error
+
+    def send_to(self, message: Message, recipients: Sequence[str]) -> dict[str, Refusal]:
+        """Hand ``message`` to the server for ``recipients`` (the envelope, whatever the headers
+        say); returns the recipients it refused, empty when it took them all.
+
+        Raises TransientSmtpError or PermanentSmtpError (SmtpAuthenticationError among them)
+        when the message as a whole could not be handed over.
+        """
+        if not recipients:
+            raise ValueError("send_to needs at least one recipient")
         for attempt in (1, 2):
             try:
                 if self._conn is None:
                     self._conn = self._connect()
-                self._conn.send_message(message)
-                return
+                refused = self._conn.send_message(message, to_addrs=list(recipients))
+            except smtplib.SMTPRecipientsRefused as error:
+                result = _refusals(error.recipients)
+                if result and all(r.code == _AUTH_REQUIRED_CODE for r in result.values()):
+                    raise _refused_error(result) from error
+                return result
             except smtplib.SMTPServerDisconnected as error:
                 self.close()
                 if attempt == 2:
                     raise _classify(error) from error
+            except SmtpError:
+                self.close()
+                raise
             except (smtplib.SMTPException, OSError) as error:
-                if isinstance(error, smtplib.SMTPRecipientsRefused | smtplib.SMTPResponseException):
+                if isinstance(error, smtplib.SMTPResponseException):
                     self._reset()
                 else:
                     self.close()
                 raise _classify(error) from error
+            else:
+                clear_unready(UNREADY_KEY)
+                return _refusals(refused)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def send(self, message: Message) -> None:
+        """Hand ``message`` to its header recipients; raises TransientSmtpError or
+        PermanentSmtpError, also when only some recipients were refused (use ``send_to`` to
+        track several recipients one by one)."""
+        recipients = _header_recipients(message)
+        refused = self.send_to(message, recipients)
+        if refused:
+            raise _refused_error(refused)
 
     def _reset(self) -> None:
         try:
@@ -131,6 +269,15 @@ class SmtpTransport:
                 conn.quit()
             except (smtplib.SMTPException, OSError):
                 conn.close()
+
+
+def _header_recipients(message: Message) -> list[str]:
+    """The envelope recipients ``smtplib.send_message`` would take from the headers."""
+    fields = [f for name in ("To", "Cc", "Bcc") for f in (message.get_all(name) or [])]
+    addresses = [addr for _, addr in getaddresses([str(f) for f in fields]) if addr]
+    if not addresses:
+        raise PermanentSmtpError("message has no recipient")
+    return addresses
 
 
 class Mailer:
@@ -163,6 +310,10 @@ class Mailer:
     def send(self, message: Message) -> None:
         """Hand ``message`` to the server; raises TransientSmtpError or PermanentSmtpError."""
         self.transport().send(message)
+
+    def send_to(self, message: Message, recipients: Sequence[str]) -> dict[str, Refusal]:
+        """``SmtpTransport.send_to`` on the calling thread's transport."""
+        return self.transport().send_to(message, recipients)
 
     def close_all(self) -> None:
         with self._lock:

@@ -4,7 +4,9 @@ Liveness reads the heartbeat records of this pod's processes (no network): it fa
 process froze (its record is older than HEALTH_MAX_AGE_SECONDS), exited while its Dramatiq
 parent still runs, lost a worker or consumer thread, or runs a message past its time limit by
 more than HEALTH_MAX_AGE_SECONDS. A busy process passes: its heartbeat thread keeps writing.
-Readiness checks that the broker and Postgres answer within a couple of seconds.
+Readiness checks that the broker and Postgres answer within a couple of seconds, and that no
+process of this pod reports itself unready in its heartbeat record (an SMTP server refusing our
+credentials: see ``heartbeat.report_unready``).
 """
 
 from __future__ import annotations
@@ -103,12 +105,25 @@ def _check_database(settings: Settings) -> None:
         conn.execute("SELECT 1")
 
 
+def reported_unready(settings: Settings) -> list[str]:
+    """The readiness problems that this pod's live processes put in their heartbeat records."""
+    problems = []
+    for _, data in read_records(settings.health_file):
+        if not record_is_current(data):
+            continue
+        who = f"{data.get('role', 'process')} process {data['pid']}"
+        unready = data.get("unready") or {}
+        if isinstance(unready, dict):
+            problems += [f"{who}: {reason}" for _, reason in sorted(unready.items())]
+    return problems
+
+
 def readiness(settings: Settings) -> Verdict:
     checks: dict[str, Callable[[Settings], None]] = {
         "broker": _check_broker,
         "database": _check_database,
     }
-    problems = []
+    problems = reported_unready(settings)
     pool = ThreadPoolExecutor(max_workers=len(checks))
     try:
         futures = {name: pool.submit(check, settings) for name, check in checks.items()}
@@ -139,7 +154,9 @@ def health(
         False, "--liveness", help="This pod's processes heartbeat and none is stuck (no network)."
     ),
     check_readiness: bool = typer.Option(
-        False, "--readiness", help="The broker and Postgres answer within 2 s."
+        False,
+        "--readiness",
+        help="The broker and Postgres answer within 2 s; no process reports an SMTP auth failure.",
     ),
 ) -> None:
     """Probe for Kubernetes: exit 0 when healthy, else 1 with a one-line reason."""

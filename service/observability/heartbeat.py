@@ -6,7 +6,8 @@ record says when it was written, which process (and parent process) wrote it, id
 and start time so that a record left by an earlier container is never mistaken for a live one,
 whether the process's worker threads are still alive, and which tasks (messages) are running
 with their time limits. A frozen process stops rewriting its file; a task stuck past its limit
-stays listed with its start time.
+stays listed with its start time. A record also carries the process's readiness problems
+(``report_unready``), e.g. the last SMTP authentication failure, which the readiness probe reads.
 """
 
 from __future__ import annotations
@@ -28,6 +29,30 @@ from service.logs import get_logger
 log = get_logger(__name__)
 
 SUFFIX = ".json"
+
+_unready: dict[str, str] = {}
+_unready_lock = threading.Lock()
+
+
+def report_unready(name: str, reason: str) -> None:
+    """Mark this process not ready because of ``name`` (e.g. ``smtp``) until ``clear_unready``.
+
+    Every heartbeat record this process writes from then on carries ``reason`` under
+    ``unready``, and ``python -m service health --readiness`` fails on it.
+    """
+    with _unready_lock:
+        _unready[name] = reason
+
+
+def clear_unready(name: str) -> None:
+    with _unready_lock:
+        _unready.pop(name, None)
+
+
+def unready_reasons() -> dict[str, str]:
+    """This process's current readiness problems, by name."""
+    with _unready_lock:
+        return dict(_unready)
 
 
 def process_start_ticks(pid: int) -> int | None:
@@ -181,6 +206,7 @@ class Heartbeat:
             "interval": self.interval,
             "queues": self.queues,
             "tasks": tasks,
+            "unready": unready_reasons(),
         }
         if self.probe is not None:
             data.update(self.probe())

@@ -76,6 +76,11 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _json_value(value: Any) -> Any:
+    """Lists and mappings (targets) stay structured in ``--json``; the rest as in the table."""
+    return value if isinstance(value, list | dict) else _cell(value)
+
+
 @app.command("list")
 def list_events(
     ctx: typer.Context,
@@ -99,7 +104,7 @@ def list_events(
     )
     for row in rows:
         if as_json:
-            typer.echo(json.dumps({k: _cell(row[k]) for k in row}))
+            typer.echo(json.dumps({k: _json_value(row[k]) for k in row}))
         else:
             typer.echo("  ".join(_cell(row[c])[:80] for c in columns))
 

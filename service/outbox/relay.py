@@ -21,7 +21,7 @@ from service.db import Database, DatabaseUnavailable
 from service.logs import get_logger
 from service.metrics import OUTBOX_EVENTS
 from service.outbox import store
-from service.outbox.delivery import DeliveryError, Handler
+from service.outbox.delivery import DeliveryError, Handler, TargetFailure
 from service.outbox.store import OutboxEvent
 from service.resilience import backoff_ms
 
@@ -141,10 +141,10 @@ class Relay:
         try:
             handler(event, delivered)
         except DeliveryError as error:
-            self._failed(event, delivered, str(error), error.permanent, result)
+            self._failed(event, delivered, str(error), error.permanent, result, error.targets)
         except Exception as error:
             log.exception("outbox handler crashed", event_id=str(event.id))
-            self._failed(event, delivered, f"{type(error).__name__}: {error}", False, result)
+            self._failed(event, delivered, f"{type(error).__name__}: {error}", False, result, {})
         else:
             with self.db.transaction() as conn:
                 kept = store.mark_delivered(conn, event, delivered)
@@ -157,13 +157,21 @@ class Relay:
         error: str,
         permanent: bool,
         result: RelayResult,
+        targets: Mapping[str, TargetFailure],
     ) -> None:
+        """Retry later, skipping the targets that failed for good; or, when nothing is left to
+        retry or the attempts are spent, give up on the event and every failed target."""
         if permanent or event.attempts >= self.max_attempts:
-            self._dead(event, delivered, error, result)
+            dead = {**event.dead_targets, **{t: f.reason for t, f in targets.items()}}
+            self._dead(event, delivered, error, result, dead)
             return
+        dead = {
+            **event.dead_targets,
+            **{t: f.reason for t, f in targets.items() if f.permanent},
+        }
         delay = backoff_seconds(event.attempts, self.min_backoff)
         with self.db.transaction() as conn:
-            kept = store.mark_retry(conn, event, delivered, error, delay)
+            kept = store.mark_retry(conn, event, delivered, error, delay, dead)
         log.info(
             "outbox event will be retried",
             event_id=str(event.id),
@@ -174,10 +182,21 @@ class Relay:
         self._count(event, "retried" if kept else None, result)
 
     def _dead(
-        self, event: OutboxEvent, delivered: set[str], error: str, result: RelayResult
+        self,
+        event: OutboxEvent,
+        delivered: set[str],
+        error: str,
+        result: RelayResult,
+        dead_targets: Mapping[str, str] | None = None,
     ) -> None:
         with self.db.transaction() as conn:
-            kept = store.mark_dead(conn, event, delivered, error)
+            kept = store.mark_dead(
+                conn,
+                event,
+                delivered,
+                error,
+                event.dead_targets if dead_targets is None else dead_targets,
+            )
         log.error(
             "outbox event is dead",
             event_id=str(event.id),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +16,12 @@ Connection = psycopg.Connection[dict[str, Any]]
 
 @dataclass(frozen=True)
 class OutboxEvent:
-    """One claimed event. ``attempts`` counts this attempt; ``claim_token`` proves the lease."""
+    """One claimed event. ``attempts`` counts this attempt; ``claim_token`` proves the lease.
+
+    ``delivered_targets`` names the targets served by earlier attempts (``email:<address>``,
+    ``webhook``; ``email`` in events from before per-recipient tracking meant every admin);
+    ``dead_targets`` maps each target given up on to the reason.
+    """
 
     id: uuid.UUID
     event_type: str
@@ -27,6 +32,7 @@ class OutboxEvent:
     created_at: datetime
     delivered_targets: frozenset[str]
     claim_token: uuid.UUID | None = None
+    dead_targets: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> OutboxEvent:
@@ -40,6 +46,7 @@ class OutboxEvent:
             created_at=row["created_at"],
             delivered_targets=frozenset(row["delivered_targets"] or ()),
             claim_token=row.get("claim_token"),
+            dead_targets={str(k): str(v) for k, v in (row.get("dead_targets") or {}).items()},
         )
 
 
@@ -110,38 +117,57 @@ def mark_delivered(conn: Connection, event: OutboxEvent, targets: Iterable[str])
         conn,
         event,
         "status = 'delivered', delivered_at = now(), last_error = NULL",
-        {"targets": sorted(targets)},
+        {"targets": sorted(targets), "dead": {}},
     )
 
 
 def mark_retry(
-    conn: Connection, event: OutboxEvent, targets: Iterable[str], error: str, delay: float
+    conn: Connection,
+    event: OutboxEvent,
+    targets: Iterable[str],
+    error: str,
+    delay: float,
+    dead_targets: Mapping[str, str] | None = None,
 ) -> bool:
-    """Schedule another attempt ``delay`` seconds from now, keeping the targets already served."""
+    """Schedule another attempt ``delay`` seconds from now, keeping the targets already served
+    and those given up on (``dead_targets``: target -> reason), which the retry skips."""
     return _finish(
         conn,
         event,
         "next_attempt_at = now() + make_interval(secs => %(delay)s), last_error = %(error)s",
-        {"targets": sorted(targets), "error": error[:2000], "delay": delay},
+        {
+            "targets": sorted(targets),
+            "error": error[:2000],
+            "delay": delay,
+            "dead": dict(dead_targets or {}),
+        },
     )
 
 
-def mark_dead(conn: Connection, event: OutboxEvent, targets: Iterable[str], error: str) -> bool:
+def mark_dead(
+    conn: Connection,
+    event: OutboxEvent,
+    targets: Iterable[str],
+    error: str,
+    dead_targets: Mapping[str, str] | None = None,
+) -> bool:
     """Give up on an event: it stays for inspection and ``outbox requeue``."""
     return _finish(
         conn,
         event,
         "status = 'dead', dead_at = now(), last_error = %(error)s",
-        {"targets": sorted(targets), "error": error[:2000]},
+        {"targets": sorted(targets), "error": error[:2000], "dead": dict(dead_targets or {})},
     )
 
 
 def _finish(conn: Connection, event: OutboxEvent, assignments: str, params: dict[str, Any]) -> bool:
+    params = {**params, "dead": Jsonb({k: v[:500] for k, v in params["dead"].items()})}
     row = conn.execute(
         f"""
         UPDATE outbox_events
         SET {assignments},
             delivered_targets = %(targets)s,
+            dead_targets = %(dead)s,
             locked_until = NULL,
             claim_token = NULL,
             updated_at = now()
@@ -154,12 +180,14 @@ def _finish(conn: Connection, event: OutboxEvent, assignments: str, params: dict
 
 
 def requeue(conn: Connection, event_id: uuid.UUID) -> bool:
-    """Make a dead event due again with a fresh attempt budget."""
+    """Make a dead event due again with a fresh attempt budget; the targets given up on are
+    tried again, those already served are not."""
     row = conn.execute(
         """
         UPDATE outbox_events
         SET status = 'pending', attempts = 0, dead_at = NULL, next_attempt_at = now(),
-            locked_until = NULL, claim_token = NULL, updated_at = now()
+            dead_targets = '{}'::jsonb, locked_until = NULL, claim_token = NULL,
+            updated_at = now()
         WHERE id = %(id)s AND status = 'dead'
         RETURNING id
         """,
@@ -173,7 +201,7 @@ def list_events(conn: Connection, *, status: str | None, limit: int) -> list[dic
     return conn.execute(
         """
         SELECT id, event_type, dedupe_key, status, attempts, next_attempt_at, locked_until,
-               last_error, created_at, delivered_at, dead_at
+               last_error, delivered_targets, dead_targets, created_at, delivered_at, dead_at
         FROM outbox_events
         WHERE %(status)s::text IS NULL OR status = %(status)s
         ORDER BY created_at DESC

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -45,15 +46,29 @@ def signature_is_valid(secret: str, headers: dict[str, str], body: bytes) -> boo
 
 
 class WebhookReceiver:
-    """A real HTTP server on loopback that records every POST and answers from a script."""
+    """A real HTTP server on loopback that records every POST and answers from a script.
 
-    def __init__(self, secret: str = WEBHOOK_SECRET) -> None:
+    With ``tls`` it serves HTTPS and its URL names ``url_host`` (the certificate's name).
+    """
+
+    def __init__(
+        self,
+        secret: str = WEBHOOK_SECRET,
+        *,
+        bind: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
+        url_host: str | None = None,
+    ) -> None:
         self.secret = secret
+        self.bind = bind
+        self.tls = tls
+        self.url_host = url_host or bind
         self.port = free_port()
         self.requests: list[ReceivedRequest] = []
         self.statuses: list[int] = []
         self.default_status = 200
         self.delay = 0.0
+        self.response_headers: dict[str, str] = {}
         self._lock = threading.Lock()
         receiver = self
 
@@ -77,18 +92,23 @@ class WebhookReceiver:
                         receiver.statuses.pop(0) if receiver.statuses else receiver.default_status
                     )
                 self.send_response(status)
+                for name, value in receiver.response_headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server = ThreadingHTTPServer((bind, self.port), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks/booking"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.url_host}:{self.port}/hooks/booking"
 
     def start(self) -> None:
         self.thread.start()
@@ -119,6 +139,9 @@ def capacity_env(
     extra = {
         "WEBHOOK_SIGNING_SECRET": WEBHOOK_SECRET,
         "WEBHOOK_TIMEOUT_SECONDS": "5",
+        # The receivers below are plain HTTP on loopback, which the relay refuses by default.
+        "WEBHOOK_ALLOW_HTTP": "true",
+        "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.1/32",
         "OUTBOX_MAX_ATTEMPTS": "3",
         "OUTBOX_MIN_BACKOFF_SECONDS": "0.3",
         "OUTBOX_POLL_INTERVAL_SECONDS": "0.05",

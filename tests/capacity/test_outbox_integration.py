@@ -130,7 +130,7 @@ def test_event_is_delivered_by_email_and_signed_webhook(
 
     row = _row(event_id)
     assert row["status"] == "delivered"
-    assert sorted(row["delivered_targets"]) == ["email", "webhook"]
+    assert sorted(row["delivered_targets"]) == [f"email:{ADMIN}", "webhook"]
     assert row["attempts"] == 1
 
 
@@ -224,7 +224,7 @@ def test_failing_receiver_is_retried_with_backoff_then_dead(
     row = _row(event_id)
     assert row["attempts"] == 3
     assert "HTTP 503" in row["last_error"]
-    assert row["delivered_targets"] == ["email"]
+    assert row["delivered_targets"] == [f"email:{ADMIN}"]
     assert len(smtp_sink.messages()) == 1, "the email target succeeded once and is not repeated"
 
 

@@ -1,7 +1,9 @@
-"""The SMTP transport against real aiosmtpd servers: STARTTLS, implicit TLS, AUTH, reuse, errors."""
+"""The SMTP transport against real aiosmtpd servers: STARTTLS, implicit TLS, AUTH, reuse, errors,
+recipients refused one by one."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -11,16 +13,21 @@ from typing import Any
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from prometheus_client import REGISTRY
 
+from service.emails import transport as transport_module
 from service.emails.transport import (
+    AUTH_FAILED,
     PermanentSmtpError,
+    Refusal,
+    SmtpAuthenticationError,
     SmtpTarget,
     SmtpTransport,
     TransientSmtpError,
 )
+from service.observability.heartbeat import clear_unready, unready_reasons
 from tests.harness.servers import free_port
-from tests.harness.smtp_sink import StoringHandler
+from tests.harness.smtp_sink import Credentials, StoringHandler
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +48,7 @@ def server_context(ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
-def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
-    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (
-        b"mailer",
-        b"p@ss word",
-    )
-    return AuthResult(success=ok)
+authenticate = Credentials("mailer", "p@ss word")
 
 
 class Server:
@@ -66,12 +68,23 @@ class Server:
     def count(self) -> int:
         return len(list(self.store.glob("*.eml")))
 
+    def recipients(self) -> list[str]:
+        """The envelope recipients of every stored message."""
+        return sorted(
+            line for p in self.store.glob("*.rcpt") for line in p.read_text().splitlines()
+        )
+
 
 def message(to: str = "ada@guests.example") -> EmailMessage:
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = "bookings@example.test", to, "hello"
     msg.set_content("body")
     return msg
+
+
+plain_text_auth = pytest.mark.filterwarnings(
+    "ignore:Requiring AUTH while not requiring TLS:UserWarning"
+)
 
 
 @pytest.fixture
@@ -97,8 +110,19 @@ def test_starttls_with_auth(ca: trustme.CA, ca_file: str, store: Path) -> None:
         assert server.count() == 2
 
 
-def test_wrong_password_is_transient_not_permanent(
-    ca: trustme.CA, ca_file: str, store: Path
+def auth_failures() -> float:
+    return REGISTRY.get_sample_value("booking_smtp_auth_failures_total") or 0.0
+
+
+@pytest.fixture
+def fresh_auth_state() -> Iterator[None]:
+    clear_unready(transport_module.UNREADY_KEY)
+    yield
+    clear_unready(transport_module.UNREADY_KEY)
+
+
+def test_wrong_password_is_a_permanent_configuration_error(
+    ca: trustme.CA, ca_file: str, store: Path, fresh_auth_state: None
 ) -> None:
     with Server(
         store,
@@ -108,10 +132,80 @@ def test_wrong_password_is_transient_not_permanent(
         auth_required=True,
     ) as server:
         url = f"smtp://mailer:wrong@127.0.0.1:{server.port}?starttls=true"
+        before = auth_failures()
         transport = SmtpTransport(SmtpTarget.from_url(url), timeout=2, ca_file=ca_file)
-        with pytest.raises(TransientSmtpError):
+        with pytest.raises(SmtpAuthenticationError) as raised:
             transport.send(message())
+        assert raised.value.permanent and raised.value.code == 535
+        assert str(raised.value).startswith(AUTH_FAILED)
+        assert "wrong" not in str(raised.value)
+        assert auth_failures() == before + 1
+        assert unready_reasons() == {"smtp": str(raised.value)}
+
+        good = f"smtp://mailer:p%40ss%20word@127.0.0.1:{server.port}?starttls=true"
+        SmtpTransport(SmtpTarget.from_url(good), timeout=2, ca_file=ca_file).send(message())
+        assert unready_reasons() == {}, "a message that went through clears the failure"
+        assert server.count() == 1
+
+
+@plain_text_auth
+def test_auth_required_but_no_credentials_is_an_authentication_error(
+    store: Path, fresh_auth_state: None
+) -> None:
+    with Server(
+        store, authenticator=authenticate, auth_required=True, auth_require_tls=False
+    ) as server:
+        transport = SmtpTransport(SmtpTarget.from_url(f"smtp://127.0.0.1:{server.port}"), timeout=2)
+        with pytest.raises(SmtpAuthenticationError, match="530"):
+            transport.send(message())
+        assert "smtp" in unready_reasons()
         assert server.count() == 0
+
+
+@plain_text_auth
+def test_credentials_without_tls_warn_once_and_never_log_the_password(
+    store: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transport_module, "_plaintext_warned", False)
+    with (
+        Server(
+            store, authenticator=authenticate, auth_required=True, auth_require_tls=False
+        ) as server,
+        caplog.at_level(logging.INFO, logger="service.emails.transport"),
+    ):
+        url = f"smtp://mailer:p%40ss%20word@127.0.0.1:{server.port}"
+        for _ in range(2):  # two transports: two connections, one warning per process
+            transport = SmtpTransport(SmtpTarget.from_url(url), timeout=2)
+            transport.send(message())
+            transport.close()
+        assert server.count() == 2
+    warnings = [r for r in caplog.records if "without TLS" in r.getMessage()]
+    assert len(warnings) == 1
+    logged = " ".join(f"{r.getMessage()} {getattr(r, 'structured', '')}" for r in caplog.records)
+    assert "p@ss word" not in logged and "p%40ss" not in logged
+
+
+def test_credentials_over_starttls_do_not_warn(
+    ca: trustme.CA,
+    ca_file: str,
+    store: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transport_module, "_plaintext_warned", False)
+    with (
+        Server(
+            store,
+            tls_context=server_context(ca),
+            require_starttls=True,
+            authenticator=authenticate,
+            auth_required=True,
+        ) as server,
+        caplog.at_level(logging.INFO, logger="service.emails.transport"),
+    ):
+        url = f"smtp://mailer:p%40ss%20word@127.0.0.1:{server.port}?starttls=true"
+        SmtpTransport(SmtpTarget.from_url(url), timeout=2, ca_file=ca_file).send(message())
+    assert not [r for r in caplog.records if "without TLS" in r.getMessage()]
 
 
 def test_implicit_tls(ca: trustme.CA, ca_file: str, store: Path) -> None:
@@ -141,6 +235,33 @@ def test_rejected_recipient_is_permanent_and_connection_stays_usable(store: Path
         assert raised.value.code == 550
         transport.send(message())
         assert server.count() == 1
+
+
+def test_send_to_reports_each_refused_recipient_and_delivers_the_others(store: Path) -> None:
+    with Server(store) as server:
+        transport = SmtpTransport(SmtpTarget.from_url(f"smtp://127.0.0.1:{server.port}"), timeout=5)
+        recipients = ["a@venue.example", "b+reject@venue.example", "c+tempfail@venue.example"]
+        refused = transport.send_to(message(", ".join(recipients)), recipients)
+        assert set(refused) == {"b+reject@venue.example", "c+tempfail@venue.example"}
+        assert refused["b+reject@venue.example"] == Refusal(550, "5.1.1 mailbox unavailable")
+        assert refused["b+reject@venue.example"].permanent
+        assert not refused["c+tempfail@venue.example"].permanent
+        assert server.recipients() == ["a@venue.example"]
+
+        everyone = ["d+reject@venue.example", "e+tempfail@venue.example"]
+        all_refused = transport.send_to(message(", ".join(everyone)), everyone)
+        assert {a: r.code for a, r in all_refused.items()} == {everyone[0]: 550, everyone[1]: 451}
+        transport.send(message())  # the connection is still usable
+        assert server.count() == 2
+
+
+def test_send_raises_when_any_recipient_is_refused(store: Path) -> None:
+    with Server(store) as server:
+        transport = SmtpTransport(SmtpTarget.from_url(f"smtp://127.0.0.1:{server.port}"), timeout=5)
+        with pytest.raises(PermanentSmtpError, match="550"):
+            transport.send(message("ok@venue.example, gone+reject@venue.example"))
+        with pytest.raises(TransientSmtpError, match="451"):
+            transport.send(message("ok@venue.example, busy+tempfail@venue.example"))
 
 
 def test_server_gone_is_transient(store: Path) -> None:

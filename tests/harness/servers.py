@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 
@@ -261,17 +262,19 @@ class SmtpSink:
     """The aiosmtpd sink of ``tests.harness.smtp_sink`` in its own process.
 
     Accepted messages land as ``.eml`` files in ``store``; see that module for the recipient
-    addresses that make it reject or fail temporarily.
+    addresses that make it reject or fail temporarily. With ``auth`` (login, password) it
+    requires AUTH with exactly those credentials; ``url`` then carries them.
     """
 
     root: Path
     port: int = field(default_factory=free_port)
     delay: float = 0.0
+    auth: tuple[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def start_new(cls, delay: float = 0.0) -> SmtpSink:
-        sink = cls(root=Path(tempfile.mkdtemp(prefix="booking-smtp-")), delay=delay)
+    def start_new(cls, delay: float = 0.0, auth: tuple[str, str] | None = None) -> SmtpSink:
+        sink = cls(root=Path(tempfile.mkdtemp(prefix="booking-smtp-")), delay=delay, auth=auth)
         sink.start()
         return sink
 
@@ -281,7 +284,10 @@ class SmtpSink:
 
     @property
     def url(self) -> str:
-        return f"smtp://127.0.0.1:{self.port}"
+        if self.auth is None:
+            return f"smtp://127.0.0.1:{self.port}"
+        login, password = (quote(part, safe="") for part in self.auth)
+        return f"smtp://{login}:{password}@127.0.0.1:{self.port}"
 
     def start(self) -> None:
         self.store.mkdir(parents=True, exist_ok=True)
@@ -296,6 +302,7 @@ class SmtpSink:
                 str(self.store),
                 "--delay",
                 str(self.delay),
+                *(["--auth", ":".join(self.auth)] if self.auth else []),
             ],
             cwd=Path(__file__).resolve().parents[2],
         )
@@ -312,6 +319,14 @@ class SmtpSink:
 
     def count(self) -> int:
         return sum(1 for _ in self.store.glob("*.eml"))
+
+    def deliveries(self) -> list[str]:
+        """Every envelope recipient of every stored message (one entry per copy received)."""
+        return sorted(
+            line
+            for path in self.store.glob("*.eml")
+            for line in path.with_suffix(".rcpt").read_text().splitlines()
+        )
 
     def clear(self) -> None:
         for p in self.store.glob("*"):

@@ -1,9 +1,12 @@
-"""A real SMTP server (aiosmtpd) that stores every accepted message as a file.
+"""A real SMTP server (aiosmtpd) that stores every accepted message as a file, and beside it
+(``<name>.rcpt``) the envelope recipients it accepted for that message, one a line.
 
 Recipients steer it, so that tests can provoke each SMTP outcome through guest data:
 ``...+reject@...`` gets 550 at RCPT, ``...+tempfail@...`` always 451, ``...+flakyN@...`` 451
 for its first N deliveries then 250. ``--delay`` waits before accepting each recipient, i.e.
 before any message data moves, so a client killed during the wait leaves nothing stored.
+``--auth USER:PASSWORD`` requires AUTH (PLAIN or LOGIN, allowed without TLS on loopback) and
+answers 535 to any other credentials.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 _FLAKY = re.compile(r"\+flaky(\d+)@")
 
@@ -46,11 +50,25 @@ class StoringHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        name = f"{uuid.uuid4().hex}.eml"
-        tmp = self.store / f"{name}.partial"
+        name = uuid.uuid4().hex
+        (self.store / f"{name}.rcpt").write_text("\n".join(envelope.rcpt_tos))
+        tmp = self.store / f"{name}.eml.partial"
         tmp.write_bytes(envelope.original_content or envelope.content)
-        os.replace(tmp, self.store / name)
+        os.replace(tmp, self.store / f"{name}.eml")
         return "250 Message accepted"
+
+
+class Credentials:
+    """An aiosmtpd authenticator accepting one login and password."""
+
+    def __init__(self, login: str, password: str) -> None:
+        self.expected = (login.encode(), password.encode())
+
+    def __call__(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == self.expected
+        return AuthResult(success=ok, handled=False)
 
 
 def main() -> None:
@@ -58,13 +76,22 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--store", type=Path, required=True)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--auth", default=None, help="USER:PASSWORD that AUTH must present")
     args = parser.parse_args()
     args.store.mkdir(parents=True, exist_ok=True)
+    auth: dict[str, Any] = {}
+    if args.auth:
+        login, _, password = args.auth.partition(":")
+        auth = {
+            "authenticator": Credentials(login, password),
+            "auth_required": True,
+            "auth_require_tls": False,
+        }
     controller = Controller(
         StoringHandler(args.store, args.delay),
         hostname="127.0.0.1",
         port=args.port,
-        server_kwargs={"data_size_limit": 10_000_000},
+        server_kwargs={"data_size_limit": 10_000_000, **auth},
     )
     controller.start()
     try:
