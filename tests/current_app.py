@@ -15,27 +15,43 @@ from service.db import Conn
 from service.outbox.relay import Relay
 from service.worker import bind
 
-_running: list[App] = []
+_running: list[tuple[App, dict[str, str]]] = []
+
+
+def _start(env: Mapping[str, str]) -> App:
+    app = App.for_worker(env)
+    bind(app)
+    _running.append((app, dict(env)))
+    return app
 
 
 @contextmanager
 def running_app(env: Mapping[str, str]) -> Iterator[App]:
-    """A worker-style App for ``env`` with every actor bound, current until the block ends."""
-    app = App.for_worker(env)
-    bind(app)
-    _running.append(app)
+    """A worker-style App for ``env`` with every actor bound, current until the block ends
+    (with any App that ``reconfigure`` started inside it)."""
+    depth = len(_running)
+    app = _start(env)
     try:
         yield app
     finally:
-        _running.remove(app)
+        while len(_running) > depth:
+            _running.pop()[0].close()
         for actor in ACTORS:
             actor.unbind()
-        app.close()
+        if _running:
+            bind(_running[-1][0])
+
+
+def reconfigure(**values: str) -> App:
+    """Make current an App whose environment is the current one changed by ``values``
+    (``WEBHOOK_ALLOW_HTTP="true"``, say); it lasts until the enclosing ``running_app`` ends."""
+    _, env = _running[-1]
+    return _start({**env, **{k.upper(): v for k, v in values.items()}})
 
 
 def current_app() -> App:
     assert _running, "this helper needs the `app` fixture (or capacity_env)"
-    return _running[-1]
+    return _running[-1][0]
 
 
 def transaction() -> AbstractContextManager[Conn]:

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import threading
 import uuid
-from dataclasses import replace
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any

@@ -9,12 +9,12 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from service.db import transaction
 from service.outbox import store, write_event
 from service.outbox.notifications import POLICY_DRIFT_ESCALATED
 from service.outbox.relay import Relay
 from tests.capacity.conftest import WebhookReceiver
 from tests.capacity.test_outbox_integration import _cli, _payload, _row
+from tests.current_app import relay, transaction
 from tests.factories import insert_venue
 from tests.harness.servers import SmtpSink
 
@@ -54,7 +54,7 @@ def _delta(before: dict[str, float]) -> dict[str, float]:
 
 
 def _relay() -> Relay:
-    return Relay(min_backoff_seconds=0.01)
+    return relay(min_backoff_seconds=0.01)
 
 
 def _again(relay: Relay) -> Any:

@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import trustme
 
-from service.config import reset_settings
 from service.outbox.egress import EgressRefused, check_url, forbidden_reason
-from service.outbox.relay import Relay
 from tests.capacity.conftest import WebhookReceiver
 from tests.capacity.test_outbox_integration import _row
 from tests.capacity.test_outbox_recipients import _event
+from tests.current_app import reconfigure, relay
 from tests.harness.servers import SmtpSink, free_port
 
 # --------------------------------------------------------------------------- the pure decision
@@ -80,9 +79,7 @@ def test_only_https_unless_http_is_allowed() -> None:
 
 
 def _settings(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    reset_settings()
+    reconfigure(**values)
 
 
 def _admin() -> str:
@@ -117,7 +114,7 @@ def test_an_http_url_is_refused_by_default(
     admin = _admin()
     event_id = _event([admin], webhook_receiver.url)
 
-    assert Relay().run_once().dead == 1
+    assert relay().run_once().dead == 1
 
     row = _row(event_id)
     assert row["dead_targets"] == {
@@ -141,7 +138,7 @@ def test_a_loopback_https_target_is_refused_without_the_allow_list_and_delivered
         WEBHOOK_CA_FILE=str(ca_file),
     )
     refused = _event([_admin()], receiver.url)
-    assert Relay().run_once().dead == 1
+    assert relay().run_once().dead == 1
     reason = _row(refused)["dead_targets"]["webhook"]
     assert reason == (
         "webhook refused: webhook host localhost is not allowed: 127.0.0.1 is a loopback "
@@ -151,7 +148,7 @@ def test_a_loopback_https_target_is_refused_without_the_allow_list_and_delivered
 
     _settings(monkeypatch, WEBHOOK_ALLOWED_NETWORKS="127.0.0.0/8,::1/128")
     delivered = _event([_admin()], receiver.url)
-    assert Relay().run_once().delivered == 1
+    assert relay().run_once().delivered == 1
 
     assert _row(delivered)["status"] == "delivered"
     (request,) = receiver.requests
@@ -169,7 +166,7 @@ def test_a_redirect_is_not_followed(
         webhook_receiver.response_headers = {"Location": f"{elsewhere.url}/steal"}
         event_id = _event([_admin()], webhook_receiver.url)
 
-        assert Relay().run_once().dead == 1
+        assert relay().run_once().dead == 1
     finally:
         elsewhere.stop()
 
@@ -239,7 +236,7 @@ def test_an_endless_answer_is_not_read_whole(capacity_env: dict[str, str]) -> No
     with RawServer(_endless_body) as server:
         event_id = _event([_admin()], server.url)
         started = time.monotonic()
-        result = Relay().run_once()
+        result = relay().run_once()
         elapsed = time.monotonic() - started
         assert server.client_hung_up.wait(5), "the relay stopped reading and closed"
     assert result.delivered == 1
@@ -254,7 +251,7 @@ def test_the_whole_exchange_has_one_deadline(
     with RawServer(_dripping_headers) as server:
         event_id = _event([_admin()], server.url)
         started = time.monotonic()
-        result = Relay().run_once()
+        result = relay().run_once()
         elapsed = time.monotonic() - started
     assert result.retried == 1
     row = _row(event_id)
@@ -273,7 +270,7 @@ def test_a_client_error_is_permanent_and_quotes_the_start_of_the_answer(
 ) -> None:
     with RawServer(_bad_request) as server:
         event_id = _event([_admin()], server.url)
-        assert Relay().run_once().dead == 1
+        assert relay().run_once().dead == 1
     reason = _row(event_id)["dead_targets"]["webhook"]
     assert reason.startswith("webhook to 127.0.0.1 answered HTTP 400: invalid signature xxx")
     assert len(reason) < 300

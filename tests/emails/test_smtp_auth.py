@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from service.emails.transport import AUTH_FAILED, UNREADY_KEY, reset_transport
+from service.emails.transport import AUTH_FAILED, UNREADY_KEY
 from service.observability.heartbeat import clear_unready
+from tests.current_app import reconfigure, relay
 from tests.emails.conftest import Db, eventually
 from tests.harness.servers import SmtpSink, wait_for
 from tests.harness.workers import ROOT
@@ -38,19 +39,15 @@ def auth_sink() -> Iterator[SmtpSink]:
 def wrong_credentials(
     service_env: dict[str, str], auth_sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dict[str, str]]:
-    """The service pointed at the AUTH sink with a wrong password."""
-    from service.config import reset_settings
-
+    """The service pointed at the AUTH sink with a wrong password (requested before ``app``,
+    so that the test's App is built with it)."""
     auth_sink.clear()
     url = f"smtp://{LOGIN}:wrong@127.0.0.1:{auth_sink.port}"
     monkeypatch.setenv("SMTP_URL", url)
-    reset_settings()
-    reset_transport()
+    service_env["SMTP_URL"] = url
     clear_unready(UNREADY_KEY)
-    yield {**service_env, "SMTP_URL": url}
-    reset_transport()
+    yield service_env
     clear_unready(UNREADY_KEY)
-    reset_settings()
 
 
 def auth_failures() -> float:
@@ -78,27 +75,23 @@ def test_a_guest_email_is_dead_lettered_at_once_with_the_reason(
 
 
 def test_an_outbox_email_is_dead_with_the_reason_and_the_webhook_still_goes(
-    wrong_credentials: dict[str, str], auth_sink: SmtpSink, monkeypatch: pytest.MonkeyPatch
+    wrong_credentials: dict[str, str], app: Any, auth_sink: SmtpSink
 ) -> None:
-    from service.config import reset_settings
-    from service.outbox.relay import Relay
     from tests.capacity.conftest import WEBHOOK_SECRET, WebhookReceiver
     from tests.capacity.test_outbox_integration import _row
     from tests.capacity.test_outbox_recipients import _event
 
-    for key, value in {
-        "WEBHOOK_SIGNING_SECRET": WEBHOOK_SECRET,
-        "WEBHOOK_ALLOW_HTTP": "true",
-        "WEBHOOK_ALLOWED_NETWORKS": "127.0.0.1/32",
-    }.items():
-        monkeypatch.setenv(key, value)
-    reset_settings()
+    reconfigure(
+        webhook_signing_secret=WEBHOOK_SECRET,
+        webhook_allow_http="true",
+        webhook_allowed_networks="127.0.0.1/32",
+    )
     receiver = WebhookReceiver()
     receiver.start()
     try:
         admins = [f"a-{uuid.uuid4().hex[:6]}@venue.example", "b@venue.example"]
         event_id = _event(admins, receiver.url)
-        result = Relay().run_once()
+        result = relay().run_once()
     finally:
         receiver.stop()
 
@@ -129,7 +122,7 @@ def _health(env: dict[str, str]) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_readiness_fails_on_the_relay_that_met_an_auth_failure(
-    wrong_credentials: dict[str, str], tmp_path: Path
+    wrong_credentials: dict[str, str], app: Any, tmp_path: Path
 ) -> None:
     from tests.capacity.test_outbox_recipients import _event
 
