@@ -1,8 +1,14 @@
 # syntax=docker/dockerfile:1
 #
 # The booking-durability-service worker image.
-#   builder: installs the package and its dependencies into a virtualenv.
+#   builder: installs the locked dependencies, then the package, into a virtualenv.
 #   runtime: the virtualenv, the SQL migrations and nothing else; runs as an unprivileged uid.
+#
+# Reproducible: every dependency (and the build backend, setuptools and wheel) is installed from
+# requirements.lock, pinned with hashes (`make lock` regenerates it from pyproject.toml), in a
+# layer of its own before the source is copied, so a code change rebuilds only the last layers.
+# The package itself is installed with --no-deps and without build isolation: nothing is
+# resolved at build time.
 #
 # The Helm chart's defaults match this file (tests/helm/test_chart.py checks it): the uid/gid,
 # the entrypoint, the metrics port and the writable paths, which the chart mounts as emptyDirs
@@ -17,10 +23,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY service ./service
-RUN pip install --upgrade pip setuptools wheel \
- && pip install . \
+RUN pip install --no-deps --no-build-isolation . \
  && python -m compileall -q /opt/venv/lib
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -2,15 +2,28 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint unit bench chaos clean system-deps
+.PHONY: demo test lint unit bench chaos clean system-deps venv lock
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# A virtualenv with a working pip; a half-built one (no pip, e.g. python3-venv missing) is rebuilt.
+venv:
+	@scripts/ensure-venv.sh "$(PYTHON)" "$(VENV)"
+
+# The runtime dependencies exactly as the image gets them (hashes checked), then the dev tools.
+$(STAMP): pyproject.toml requirements.lock
+	@scripts/ensure-venv.sh "$(PYTHON)" "$(VENV)"
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --require-hashes -r requirements.lock
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	@rm -f $(VENV)/.installed-* && touch $@
+
+# Regenerate requirements.lock from pyproject.toml (runtime and build-system requirements, every
+# platform, Python 3.11 and later); needs the package index.
+lock: $(STAMP)
+	$(BIN)/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'], sep='\n')" \
+	  | $(BIN)/uv pip compile pyproject.toml - --universal --python-version 3.11 --generate-hashes \
+	      --custom-compile-command "make lock" --quiet -o requirements.lock
 
 system-deps:
 	@scripts/install-system-deps.sh

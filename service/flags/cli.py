@@ -8,13 +8,37 @@ from datetime import UTC, datetime
 
 import typer
 
-from service.flags import Flags
+from service.config import Settings
+from service.flags import Flags, Source
+from service.flags.client import ClientState, Diagnosis, describe_token, diagnose
 
 app = typer.Typer(
     help="Feature flags: effective values and their source (unleash, cache, environment default).",
     invoke_without_command=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _diagnose(settings: Settings, state: ClientState | None) -> Diagnosis | None:
+    """Why this process has no fresh flags, from one direct request to Unleash."""
+    if state is None or state.fresh:
+        return None
+    diagnosis = diagnose(settings)
+    if diagnosis.answered:
+        return Diagnosis(
+            True, 200, "Unleash answers now, but this process had no answer within --wait seconds"
+        )
+    return diagnosis
+
+
+def _reach(state: ClientState, diagnosis: Diagnosis | None) -> str:
+    if state.fresh:
+        return "reachable"
+    if diagnosis is not None and diagnosis.status in (401, 403):
+        return f"REFUSES the token: HTTP {diagnosis.status}"
+    if diagnosis is not None and diagnosis.status is not None and not diagnosis.answered:
+        return f"answers HTTP {diagnosis.status}"
+    return "NOT reachable"
 
 
 def _age(moment: datetime | None) -> str:
@@ -40,11 +64,17 @@ def show(
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     app_flags: Flags = ctx.obj.flags
     rows, state = app_flags.status(venue, wait=wait)
+    diagnosis = _diagnose(app_flags.settings, state)
+    problem = diagnosis.problem if diagnosis else None
+    undefined = [row.flag.name for row in rows if row.source is Source.DEFAULT]
     if as_json:
         typer.echo(
             json.dumps(
                 {
                     "unleash_url": state.url if state else None,
+                    "synced": state.fresh if state else None,
+                    "http_status": diagnosis.status if diagnosis else None,
+                    "problem": problem,
                     "last_sync": state.last_sync.isoformat() if state and state.last_sync else None,
                     "flags": [
                         {
@@ -65,8 +95,18 @@ def show(
         if state is None:
             typer.echo("Unleash: not configured (UNLEASH_URL unset): environment defaults apply")
         else:
-            reach = "reachable" if state.fresh else "NOT reachable"
+            reach = _reach(state, diagnosis)
             typer.echo(f"Unleash: {state.url} ({reach}; environment {state.environment})")
+            if problem:
+                typer.echo(f"Problem: {problem}")
+            elif state.fresh and undefined:
+                token = app_flags.settings.unleash_api_token
+                scope = describe_token(token.get_secret_value() if token else None)
+                typer.echo(
+                    f"Not in Unleash for this token: {', '.join(undefined)} (the environment "
+                    f"default applies). Create them, or check the token's project and "
+                    f"environment (token {scope})"
+                )
             typer.echo(f"Last sync by this process: {_age(state.last_sync)}")
             cache = state.cache_dir if state.cache_persistent else f"{state.cache_dir} (UNWRITABLE)"
             typer.echo(f"Cache: {cache}, saved {_age(state.cache_saved_at)}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from UnleashClient.cache import BaseCache, FileCache
 from UnleashClient.clients.unleash_client import UnleashClient
 from UnleashClient.constants import ETAG, FEATURES_URL
@@ -245,6 +246,8 @@ class FlagClient:
             cache=self.cache,
             multiple_instance_mode=InstanceAllowType.SILENTLY_ALLOW,
         )
+        self._stopper: threading.Thread | None = None
+        self._stopper_lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._initialize, name="unleash-initialize", daemon=True
         )
@@ -266,10 +269,9 @@ class FlagClient:
                 continue
             self._initialized.set()
             break
-        if self._stopping.is_set():
-            self._destroy_client()
 
-    def _destroy_client(self) -> None:
+    def _shutdown(self) -> None:
+        self._thread.join()
         try:
             self._client.destroy()
         except Exception as error:
@@ -330,20 +332,132 @@ class FlagClient:
             known_toggles=self.known_toggles(),
         )
 
-    def stop(self, wait: float = 0.0) -> None:
-        """Stop polling, waiting at most ``wait`` seconds.
+    def stop(self, wait: float = 0.0) -> bool:
+        """Stop polling, waiting at most ``wait`` seconds; ``True`` once every thread has ended.
 
-        If the first ``initialize_client`` is still hanging, its thread destroys the client
-        once that call returns.
+        A stop thread joins the start-up thread (a first ``initialize_client`` against a
+        silent server returns only after its request timeouts), then destroys the SDK client,
+        which joins its scheduler. Whatever is left after ``wait`` ends in the background;
+        ``join`` waits for it.
         """
-        deadline = time.monotonic() + wait
         self._stopping.set()
-        self._thread.join(wait)
-        if self._thread.is_alive():
-            return
-        stopper = threading.Thread(target=self._destroy_client, name="unleash-stop", daemon=True)
-        stopper.start()
+        with self._stopper_lock:
+            if self._stopper is None:
+                self._stopper = threading.Thread(
+                    target=self._shutdown, name="unleash-stop", daemon=True
+                )
+                self._stopper.start()
+        return self.join(wait)
+
+    def join(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for a stopped client's threads to end."""
+        deadline = time.monotonic() + timeout
+        stopper = self._stopper
+        if stopper is None:
+            raise RuntimeError("join() before stop(): the client is still running")
         stopper.join(max(0.0, deadline - time.monotonic()))
+        return not self.alive_threads()
+
+    def alive_threads(self) -> list[str]:
+        """Names of this client's own threads still running (the SDK's end with the stop)."""
+        return [t.name for t in (self._thread, self._stopper) if t is not None and t.is_alive()]
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What one direct request to Unleash's client API says about this configuration."""
+
+    answered: bool
+    """Unleash served the flags (HTTP 200) to this URL and token."""
+    status: int | None
+    problem: str | None
+    """One line for an operator: what went wrong and what to check."""
+
+
+def describe_token(token: str | None) -> str:
+    """The scope an Unleash token claims (``<project>:<environment>.<secret>``), not its secret."""
+    if not token:
+        return "not set"
+    scope, dot, secret = token.partition(".")
+    project, colon, environment = scope.partition(":")
+    if not (dot and colon and project and environment and secret):
+        return "not shaped like an Unleash token, <project>:<environment>.<secret>"
+    projects = "all projects" if project == "*" else f"project '{project}'"
+    environments = "all environments" if environment == "*" else f"environment '{environment}'"
+    return f"for {projects}, {environments}"
+
+
+def _server_message(response: httpx.Response) -> str:
+    try:
+        message = str(response.json().get("message", ""))
+    except Exception:
+        message = response.text
+    return " ".join(message.split())[:200]
+
+
+_USE_A_CLIENT_KEY = (
+    "it must be a client (backend) token, not an admin, personal or frontend token, "
+    "created for the environment and the project that hold this service's flags"
+)
+
+
+def diagnose(settings: Settings) -> Diagnosis:
+    """Ask the client API once, directly, and say why the SDK gets no flags.
+
+    The SDK only logs a failed fetch; the operator CLI calls this when its client has not
+    synced, so that a rejected token reads as a 401 or 403 with what to check, not as an outage.
+    """
+    if settings.unleash_url is None:
+        return Diagnosis(False, None, "UNLEASH_URL is not set")
+    base = str(settings.unleash_url).rstrip("/")
+    token = (
+        settings.unleash_api_token.get_secret_value()
+        if settings.unleash_api_token is not None
+        else None
+    )
+    headers = {"UNLEASH-APPNAME": settings.unleash_app_name}
+    if token:
+        headers["Authorization"] = token
+    timeout = settings.unleash_request_timeout_seconds
+    try:
+        response = httpx.get(f"{base}{FEATURES_URL}", headers=headers, timeout=timeout)
+    except httpx.TimeoutException:
+        return Diagnosis(
+            False,
+            None,
+            f"no answer from {base} within {timeout:g} s (UNLEASH_REQUEST_TIMEOUT_SECONDS)",
+        )
+    except httpx.HTTPError as error:
+        return Diagnosis(False, None, f"cannot reach {base}: {error}")
+    status = response.status_code
+    token_scope = describe_token(token)
+    if status == 200:
+        return Diagnosis(True, status, None)
+    if status == 401 and not token:
+        problem = (
+            "HTTP 401 Unauthorized: this Unleash requires a token and UNLEASH_API_TOKEN is not "
+            f"set; {_USE_A_CLIENT_KEY}"
+        )
+    elif status == 401:
+        problem = (
+            f"HTTP 401 Unauthorized: Unleash does not accept UNLEASH_API_TOKEN (token {token_scope}). "
+            "Check that the token exists on this Unleash instance and was not deleted or "
+            f"expired; {_USE_A_CLIENT_KEY}"
+        )
+    elif status == 403:
+        problem = (
+            f"HTTP 403 Forbidden: UNLEASH_API_TOKEN may not read the client API (token {token_scope}; "
+            f"Unleash says: {_server_message(response)}); {_USE_A_CLIENT_KEY}. Check also that "
+            "UNLEASH_URL is the API base URL, ending in /api"
+        )
+    elif status == 404:
+        problem = (
+            f"HTTP 404 Not Found at {base}{FEATURES_URL}: UNLEASH_URL must be the API base URL, "
+            "ending in /api"
+        )
+    else:
+        problem = f"HTTP {status} from {base}{FEATURES_URL}: {_server_message(response)}"
+    return Diagnosis(False, status, problem)
 
 
 @dataclass
@@ -379,11 +493,14 @@ class ClientHolder:
         self.settings = settings
         self._lock = threading.Lock()
         self._slot: _Slot | None = None
+        self._stopping: list[FlagClient] = []
+        """Clients stopped whose threads had not ended by the end of ``close``."""
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
         self._lock = threading.Lock()
         self._slot = None
+        self._stopping.clear()
 
     def _usable(self, slot: _Slot | None) -> bool:
         return (
@@ -406,5 +523,25 @@ class ClientHolder:
         """Stop this process's client; the next evaluation builds a new one."""
         with self._lock:
             slot, self._slot = self._slot, None
-        if slot is not None and slot.client is not None and slot.pid == os.getpid():
-            slot.client.stop(wait)
+        client = slot.client if slot is not None and slot.pid == os.getpid() else None
+        if client is not None and not client.stop(wait):
+            with self._lock:
+                self._stopping.append(client)
+
+    def join_stopped(self, timeout: float) -> list[str]:
+        """Wait at most ``timeout`` s for every stopped client; the threads still alive after it.
+
+        Shutting down never blocks on a hanging Unleash, so a stopped client's threads can
+        outlive ``close``; a process that must not leave threads behind (a test) waits here.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending = list(self._stopping)
+        alive: list[str] = []
+        for client in pending:
+            if client.join(max(0.0, deadline - time.monotonic())):
+                with self._lock, contextlib.suppress(ValueError):
+                    self._stopping.remove(client)
+            else:
+                alive.extend(client.alive_threads())
+        return alive

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 
 from tests.emails.conftest import Db, eventually, received_for
-from tests.harness.servers import RabbitServer, SmtpSink
+from tests.harness.servers import RabbitServer, RabbitUnavailable, SmtpSink, port_open, wait_for
 from tests.harness.workers import ROOT, WorkerGroup
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
@@ -21,13 +24,63 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def rabbit() -> Iterator[RabbitServer]:
+    """A private node; failing to start one fails the tests (no broker is borrowed)."""
     server = RabbitServer.start_new()
-    if not server.owned:
-        print(
-            "using the RabbitMQ server already running on 127.0.0.1:5672 (no private node could start)"
-        )
     yield server
     server.stop()
+
+
+def cluster_name(url: str) -> str:
+    conn = pika.BlockingConnection(pika.URLParameters(url + "?connection_attempts=1"))
+    try:
+        name = (conn._impl.server_properties or {}).get("cluster_name", b"")
+    finally:
+        conn.close()
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def test_the_node_is_private_and_leaves_nothing_behind() -> None:
+    system_broker_up = port_open(5672)
+    server = RabbitServer.start_new()
+    try:
+        assert 5672 not in (server.port, server.dist_port, server.epmd_port)
+        assert cluster_name(server.url) == server.cluster_name
+        assert server.proc is not None and server.epmd is not None
+        pids = [server.proc.pid, server.epmd.pid]
+    finally:
+        server.stop()
+    assert not port_open(server.port) and not port_open(server.epmd_port)
+    assert not server.root.exists()
+
+    def group_gone(pgid: int) -> bool:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    for pid in pids:
+        wait_for(lambda pid=pid: group_gone(pid), 10, f"process group {pid} to end")
+    assert port_open(5672) is system_broker_up, "the machine's own broker was touched"
+
+
+def test_a_node_that_cannot_start_fails_loudly_instead_of_borrowing_one() -> None:
+    bindir = Path(tempfile.mkdtemp(prefix="booking-fake-rabbit-"))
+    bindir.chmod(0o755)  # the node runs as the rabbitmq user when the tests run as root
+    broken = bindir / "rabbitmq-server"
+    broken.write_text("#!/bin/sh\necho 'boot failed: no disk' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RabbitUnavailable) as failure:
+            RabbitServer.start_new(timeout=30, binary=str(broken))
+    finally:
+        shutil.rmtree(bindir)
+    message = str(failure.value)
+    assert "could not start a private RabbitMQ node" in message
+    assert "never used instead" in message
+    assert "boot failed: no disk" in message
+    assert time.monotonic() - started < 20, "a node that exited is noticed at once"
 
 
 def test_delivery_and_kill_9_on_rabbitmq(

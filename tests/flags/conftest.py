@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 
 from service import flags
 from service.config import reset_settings
+from service.flags import client as flag_client
 from tests.harness.servers import PostgresServer
 from tests.harness.unleash import UnleashServer
 
@@ -26,6 +29,28 @@ FLAG_VARS = (
     "FEATURE_EMAIL_QUEUE_ENABLED",
     "FEATURE_POLICY_REQUOTE_ENABLED",
 )
+
+
+THREAD_JOIN_TIMEOUT = 15.0
+
+
+@pytest.fixture(autouse=True)
+def no_thread_outlives_the_test() -> Iterator[None]:
+    """Every thread a flag test starts has ended when it finishes.
+
+    A thread that goes on (an Unleash client's start-up or polling) logs into whatever stream
+    the next test captures, or into a closed one ("I/O operation on closed file").
+    """
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + THREAD_JOIN_TIMEOUT
+    flags.shutdown()
+    alive = flag_client.join_stopped(THREAD_JOIN_TIMEOUT)
+    started = [t for t in threading.enumerate() if t not in before]
+    for thread in started:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    left = sorted({*alive, *(t.name for t in started if t.is_alive())})
+    assert not left, f"threads still running {THREAD_JOIN_TIMEOUT:.0f} s after the test: {left}"
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import contextlib
 import glob
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 from urllib.parse import quote
 
 import psycopg
@@ -32,13 +34,22 @@ def free_port() -> int:
 
 
 def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+    predicate: Callable[[], bool],
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+    fatal: tuple[type[Exception], ...] = (),
 ) -> None:
+    """Poll ``predicate`` until true; its errors count as "not yet", except ``fatal`` ones."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
+        try:
             if predicate():
                 return
+        except fatal:
+            raise
+        except Exception:  # noqa: S110 (not ready yet)
+            pass
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
@@ -337,86 +348,216 @@ class SmtpSink:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+RABBITMQ_SERVER_CANDIDATES = (
+    # Debian's /usr/sbin/rabbitmq-server is a wrapper that switches to the system node's home,
+    # cookie and log files; the script it wraps starts a node from the environment alone.
+    "/usr/lib/rabbitmq/bin/rabbitmq-server",
+    "rabbitmq-server",
+)
+
+
+def _find_rabbitmq_server() -> str | None:
+    for candidate in RABBITMQ_SERVER_CANDIDATES:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    return None
+
+
+class RabbitUnavailable(RuntimeError):
+    """No private RabbitMQ node could be started (there is never a fallback to another broker)."""
+
+
 @dataclass
 class RabbitServer:
-    """A private RabbitMQ node when ``rabbitmq-server`` can be started, else the local one.
+    """A private RabbitMQ node that nothing else on the machine shares.
 
-    ``owned`` says which: a borrowed server is only used when no binary can start a node.
+    Its own node name, AMQP port, distribution port, epmd (port mapper) on a port of its own,
+    data and log directories, Erlang cookie and configuration files, all in one temporary
+    directory; the system's ``/etc/rabbitmq`` files are not read. A broker already running on
+    the machine (a system node on 5672) is never used: when no node can be started,
+    ``start_new`` raises ``RabbitUnavailable`` and the tests needing it fail.
     """
 
-    url: str
-    owned: bool
-    root: Path | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    root: Path
+    binary: str
+    port: int = field(default_factory=free_port)
+    dist_port: int = field(default_factory=free_port)
+    epmd_port: int = field(default_factory=free_port)
+    cluster_name: str = field(default_factory=lambda: f"booking-test-{secrets.token_hex(8)}")
+    """Set in the node's config and checked on every AMQP connection: the node is ours."""
+    proc: subprocess.Popen[bytes] | None = None
+    epmd: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def start_new(cls, timeout: float = 90) -> RabbitServer:
-        binary = shutil.which("rabbitmq-server") or (
-            "/usr/sbin/rabbitmq-server" if os.path.exists("/usr/sbin/rabbitmq-server") else None
+    def start_new(cls, timeout: float = 120, binary: str | None = None) -> RabbitServer:
+        binary = binary or _find_rabbitmq_server()
+        if binary is None:
+            raise RabbitUnavailable(
+                "no rabbitmq-server binary: install the 'rabbitmq-server' package "
+                "(scripts/install-system-deps.sh does); the RabbitMQ tests never use a broker "
+                "they did not start"
+            )
+        server = cls(root=Path(tempfile.mkdtemp(prefix="booking-rabbit-")), binary=binary)
+        try:
+            server.start(timeout)
+        except Exception as error:
+            tail = server.log_tail()
+            server.stop()
+            raise RabbitUnavailable(
+                f"could not start a private RabbitMQ node with {binary}: {error}\n"
+                f"(a broker already running on this machine is never used instead)\n"
+                f"node output:\n{tail}"
+            ) from None
+        return server
+
+    @property
+    def nodename(self) -> str:
+        return f"booking-test-{self.port}@localhost"
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "node.out"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def _node_env(self) -> dict[str, str]:
+        root = self.root
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(root),
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "ERL_EPMD_PORT": str(self.epmd_port),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "RABBITMQ_CONF_ENV_FILE": str(root / "rabbitmq-env.conf"),
+            "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(root / "advanced.config"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(root / "log"),
+            "RABBITMQ_PID_FILE": str(root / "pid"),
+        }
+
+    def _spawn(self, cmd: list[str], out: IO[bytes]) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` with exactly the node's environment, in a process group of its own.
+
+        As root, the node runs as the ``rabbitmq`` user when there is one.
+        """
+        as_rabbitmq = _is_root() and _user_exists("rabbitmq")
+        return subprocess.Popen(
+            cmd,
+            cwd=self.root,
+            env=self._node_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            user="rabbitmq" if as_rabbitmq else None,
+            group="rabbitmq" if as_rabbitmq else None,
+            extra_groups=[] if as_rabbitmq else None,
         )
-        if binary:
-            port, dist = free_port(), free_port()
-            root = Path(tempfile.mkdtemp(prefix="booking-rabbit-"))
-            name = f"booking{port}@localhost"
-            env = {
-                **os.environ,
-                "RABBITMQ_NODE_PORT": str(port),
-                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-                "RABBITMQ_DIST_PORT": str(dist),
-                "RABBITMQ_NODENAME": name,
-                "RABBITMQ_MNESIA_BASE": str(root / "mnesia"),
-                "RABBITMQ_LOG_BASE": str(root / "log"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": str(root / "enabled_plugins"),
-                "RABBITMQ_CONFIG_FILE": str(root / "rabbitmq"),
-                "RABBITMQ_PID_FILE": str(root / "pid"),
-                "HOME": str(root),
-            }
-            (root / "enabled_plugins").write_text("[].\n")
-            (root / "rabbitmq.conf").write_text("loopback_users = none\n")
-            if _is_root() and _user_exists("rabbitmq"):
-                shutil.chown(root, "rabbitmq", "rabbitmq")
-                cmd = ["runuser", "-u", "rabbitmq", "--", binary, "-detached"]
-            else:
-                cmd = [binary, "-detached"]
-            subprocess.run(cmd, env=env, check=False, capture_output=True)
-            server = cls(
-                url=f"amqp://guest:guest@127.0.0.1:{port}/%2F", owned=True, root=root, env=env
+
+    def start(self, timeout: float = 120) -> None:
+        root = self.root
+        (root / "rabbitmq-env.conf").write_text("")
+        (root / "rabbitmq.conf").write_text(
+            f"loopback_users = none\ncluster_name = {self.cluster_name}\n"
+        )
+        (root / "enabled_plugins").write_text("[].\n")
+        cookie = root / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(20).upper())
+        cookie.chmod(0o400)
+        if _is_root() and _user_exists("rabbitmq"):
+            for path in (root, *root.iterdir()):
+                shutil.chown(path, "rabbitmq", "rabbitmq")
+        epmd = shutil.which("epmd")
+        if epmd is None:
+            raise RabbitUnavailable("no epmd binary (Erlang's port mapper, in 'erlang-base')")
+        out = open(self.log_path, "ab")  # noqa: SIM115
+        try:
+            self.epmd = self._spawn(
+                [epmd, "-port", str(self.epmd_port), "-address", "127.0.0.1"], out
             )
-            try:
-                wait_for(server._amqp_ready, timeout, "rabbitmq", interval=0.5)
-                return server
-            except TimeoutError:
-                server.stop()
-        if port_open(5672):
-            print(
-                "[harness] could not start a private RabbitMQ node; using the one on 127.0.0.1:5672",
-                file=sys.stderr,
-            )
-            return cls(url="amqp://guest:guest@127.0.0.1:5672/%2F", owned=False)
-        raise RuntimeError("no RabbitMQ: install 'rabbitmq-server' to run the RabbitMQ tests")
+            wait_for(lambda: self._epmd_answers(epmd), 20, "epmd", fatal=(RabbitUnavailable,))
+            self.proc = self._spawn([self.binary], out)
+        finally:
+            out.close()
+        wait_for(
+            self._amqp_ready,
+            timeout,
+            f"RabbitMQ node {self.nodename}",
+            interval=0.5,
+            fatal=(RabbitUnavailable,),
+        )
+
+    def _epmd_answers(self, epmd: str) -> bool:
+        self._alive(self.epmd)
+        names = [epmd, "-port", str(self.epmd_port), "-names"]
+        return subprocess.run(names, capture_output=True, timeout=5, check=False).returncode == 0
+
+    @staticmethod
+    def _alive(proc: subprocess.Popen[bytes] | None) -> bool:
+        if proc is None or proc.poll() is not None:
+            code = None if proc is None else proc.returncode
+            raise RabbitUnavailable(f"the process exited with {code}")
+        return True
 
     def _amqp_ready(self) -> bool:
         import pika
 
+        self._alive(self.proc)
         conn = pika.BlockingConnection(
             pika.URLParameters(self.url + "?connection_attempts=1&socket_timeout=1")
         )
-        conn.close()
+        try:
+            properties = conn._impl.server_properties or {}
+        finally:
+            conn.close()
+        answered = properties.get("cluster_name", b"")
+        name = answered.decode() if isinstance(answered, bytes) else str(answered)
+        if name != self.cluster_name:
+            raise RabbitUnavailable(
+                f"127.0.0.1:{self.port} is answered by cluster {name!r}, not ours "
+                f"({self.cluster_name!r})"
+            )
         return True
 
-    def stop(self) -> None:
-        if not self.owned or self.root is None:
+    @staticmethod
+    def _end(proc: subprocess.Popen[bytes] | None, grace: float) -> None:
+        if proc is None or proc.poll() is not None:
             return
-        pid_file = self.root / "pid"
-        ctl = shutil.which("rabbitmqctl") or "/usr/sbin/rabbitmqctl"
-        cmd = [ctl, "-n", self.env["RABBITMQ_NODENAME"], "stop"]
-        if _is_root() and _user_exists("rabbitmq"):
-            cmd = ["runuser", "-u", "rabbitmq", "--", *cmd]
-        subprocess.run(cmd, env=self.env, check=False, capture_output=True, timeout=60)
-        if pid_file.exists():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def stop(self) -> None:
+        """Stop the node and its epmd (each in a process group of its own), remove its files."""
+        self._end(self.proc, 30)
+        self.proc = None
+        self._end(self.epmd, 10)
+        self.epmd = None
         shutil.rmtree(self.root, ignore_errors=True)
+
+    destroy = stop
 
 
 def _user_exists(name: str) -> bool:

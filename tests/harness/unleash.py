@@ -30,13 +30,21 @@ from tests.harness.servers import PostgresServer, free_port, wait_for
 UNLEASH_VERSION = "8.2.0"
 NODE_VERSION = "22.23.3"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CACHE_ROOT = REPO_ROOT / ".cache" / "unleash"
+CACHE_ROOT = Path(os.environ.get("UNLEASH_TEST_CACHE_DIR") or REPO_ROOT / ".cache" / "unleash")
+"""Where the server is installed; ``UNLEASH_TEST_CACHE_DIR`` moves it (e.g. shared by checkouts)."""
 ENVIRONMENT = "development"
 PROJECT = "default"
+NO_ANALYTICS_ENV = {"SCARF_ANALYTICS": "false", "DO_NOT_TRACK": "1"}
+"""For npm and the server: install scripts (``@scarf/scarf``) and tools that report usage
+otherwise send it; scripts/install-helm.sh sets the same."""
 
 
 class UnleashInstallError(RuntimeError):
     """npm could not install the Unleash server or its Node runtime."""
+
+
+class UnleashExited(RuntimeError):
+    """The Unleash server process ended while it was expected to start."""
 
 
 def install_dir() -> Path:
@@ -86,7 +94,13 @@ def install(quiet: bool = True) -> Path:
                 f"unleash-server@{UNLEASH_VERSION}",
             ]
             done = subprocess.run(
-                cmd, cwd=staging, capture_output=quiet, text=True, timeout=1200, check=False
+                cmd,
+                cwd=staging,
+                env={**os.environ, **NO_ANALYTICS_ENV},
+                capture_output=quiet,
+                text=True,
+                timeout=1200,
+                check=False,
             )
             if done.returncode != 0:
                 raise UnleashInstallError(
@@ -151,6 +165,7 @@ class UnleashServer:
             "CHECK_VERSION": "false",
             "SEND_TELEMETRY": "false",
             "UNLEASH_URL": f"http://127.0.0.1:{self.port}",
+            **NO_ANALYTICS_ENV,
         }
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -163,11 +178,16 @@ class UnleashServer:
         )
         log.close()
         try:
-            wait_for(self._healthy, timeout, "unleash /health", interval=0.25)
+            wait_for(
+                self._healthy, timeout, "unleash /health", interval=0.25, fatal=(UnleashExited,)
+            )
             wait_for(self._tokens_ready, 30, "unleash API tokens", interval=0.25)
         except TimeoutError as error:
             self.stop()
             raise TimeoutError(f"{error}; log tail:\n{self.log_tail()}") from None
+        except UnleashExited:
+            self.stop()
+            raise
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -177,7 +197,7 @@ class UnleashServer:
 
     def _healthy(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(f"unleash exited with {self.proc.returncode}:\n{self.log_tail()}")
+            raise UnleashExited(f"unleash exited with {self.proc.returncode}:\n{self.log_tail()}")
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as resp:
             return bool(resp.status == 200)
 

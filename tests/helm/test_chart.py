@@ -179,8 +179,8 @@ def chart_values() -> dict[str, Any]:
     return yaml.safe_load((CHART / "values.yaml").read_text())
 
 
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the runtime (last) stage, continuation lines joined."""
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """(INSTRUCTION, arguments) of each stage, continuation lines joined."""
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     lines = [
         ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
@@ -193,7 +193,12 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
         if stages:
             stages[-1].append((instruction.upper(), rest.strip()))
     assert len(stages) >= 2, "the Dockerfile must be multi-stage"
-    return stages[-1]
+    return stages
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the runtime (last) stage, continuation lines joined."""
+    return dockerfile_stages()[-1]
 
 
 # --------------------------------------------------------------------------- lint and validation
@@ -1130,6 +1135,34 @@ def test_chart_defaults_match_the_dockerfile(default_docs: list[dict[str, Any]])
 
     deployment = one(default_docs, "Deployment", "-email-worker")
     assert service_container(deployment)["command"] == json.loads(last("ENTRYPOINT"))
+
+
+def test_the_image_installs_the_locked_dependencies_before_the_source() -> None:
+    """Dependencies come from the hashed lock in a layer that a code change does not rebuild."""
+    builder = dockerfile_stages()[0]
+
+    def position(instruction: str, *needles: str) -> int:
+        found = [
+            i
+            for i, (name, rest) in enumerate(builder)
+            if name == instruction and all(n in rest for n in needles)
+        ]
+        assert found, f"the builder stage has no {instruction} with {needles}"
+        return found[0]
+
+    lock = position("COPY", "requirements.lock")
+    locked_install = position("RUN", "pip install --require-hashes -r requirements.lock")
+    source = position("COPY", "service")
+    project = position("RUN", "pip install --no-deps --no-build-isolation .")
+    assert lock < locked_install < source < project
+    installs = [rest for name, rest in builder if name == "RUN" and "pip install" in rest]
+    for rest in installs:
+        for command in rest.split("&&"):
+            if "pip install" in command:
+                assert "--require-hashes" in command or "--no-deps" in command, (
+                    f"resolves dependencies at build time: {command.strip()}"
+                )
+    assert "!requirements.lock" in (REPO / ".dockerignore").read_text().split()
 
 
 # --------------------------------------------------------------------------- NOTES and README
