@@ -61,11 +61,11 @@ def seed(database_url: str, count: int) -> uuid.UUID:
     from psycopg.rows import dict_row
     from psycopg.types.json import Jsonb
 
+    from harness.factories import insert_venue
     from service.capacity import repository as repo
     from service.capacity.holds import build_hold_metadata
     from service.capacity.policy import policy_version
     from service.capacity.quoting import Quote
-    from tests.factories import insert_venue
 
     now = datetime.now(UTC)
     first = (now + timedelta(days=2)).replace(minute=0, second=0, microsecond=0)

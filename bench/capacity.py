@@ -86,12 +86,12 @@ def _round(database_url: str, quick: bool, seed: int) -> dict[str, Any]:
     """One round on a fresh venue: holds and confirmations (half of them drifting), then quotes."""
     import psycopg
 
+    from harness.factories import insert_booking, insert_venue
     from service.capacity import repository as repo
     from service.capacity.confirm import confirm_with_policy_retry, create_hold
     from service.capacity.errors import CapacityError
     from service.capacity.quoting import quote
     from service.db import transaction
-    from tests.factories import insert_booking, insert_venue
 
     samples = 100 if quick else 400
     quotes = 500 if quick else 3000

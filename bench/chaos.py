@@ -51,9 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.factories import insert_booking, insert_venue  # noqa: E402
-from tests.harness.servers import PostgresServer, RedisServer, SmtpSink  # noqa: E402
-from tests.harness.workers import WorkerGroup  # noqa: E402
+from harness.factories import insert_booking, insert_venue  # noqa: E402
+from harness.servers import PostgresServer, RedisServer, SmtpSink  # noqa: E402
+from harness.workers import WorkerGroup  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 QUEUE = "pending-booking-emails"

@@ -26,7 +26,7 @@ RESULTS = ROOT / "bench" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.harness.servers import PostgresServer, RedisServer, SmtpSink  # noqa: E402
+from harness.servers import PostgresServer, RedisServer, SmtpSink  # noqa: E402
 
 EMAIL_FROM = "Bench Bistro <bookings@bench.example>"
 

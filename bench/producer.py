@@ -35,7 +35,7 @@ TYPES = ("request_received", "confirmed", "updated", "cancelled")
 def _start_unleash(pg: Any) -> tuple[Any, str]:
     """A real Unleash with ``email-queue-enabled`` on; (server or None, how flags are evaluated)."""
     try:
-        from tests.harness.unleash import UnleashServer
+        from harness.unleash import UnleashServer
 
         server = UnleashServer.start_new(pg, timeout=180)
     except Exception as error:

@@ -66,7 +66,7 @@ def _evalsha_calls(client: Any) -> int:
 
 def run_case(case: str, bound: float) -> dict[str, Any]:
     """One kill -9 and recovery; runs in a process of its own (the broker is chosen at import)."""
-    from tests.harness.workers import WorkerGroup
+    from harness.workers import WorkerGroup
 
     broker_kind, flavour = case.split("-")
     ours = flavour == "ours"
@@ -74,7 +74,7 @@ def run_case(case: str, bound: float) -> dict[str, Any]:
         postgres=ours, redis=broker_kind == "redis", smtp=ours, smtp_delay=BUSY_SECONDS
     ) as found:
         if broker_kind == "rabbitmq":
-            from tests.harness.servers import RabbitServer
+            from harness.servers import RabbitServer
 
             rabbit = RabbitServer.start_new()
             found.stack.callback(rabbit.stop)
@@ -90,8 +90,8 @@ def run_case(case: str, bound: float) -> dict[str, Any]:
         if ours:
             import psycopg
 
+            from harness.factories import insert_booking, insert_venue
             from service.actors.emails import send_booking_email
-            from tests.factories import insert_booking, insert_venue
 
             with psycopg.connect(found.database_url, autocommit=True) as conn:
                 venue = insert_venue(conn)

@@ -188,8 +188,8 @@ def run_pipeline(s: Setup, timeout: float) -> LoadRun:
     import psycopg
     import redis
 
+    from harness.workers import WorkerGroup
     from service.actors.emails import send_booking_email
-    from tests.harness.workers import WorkerGroup
 
     found = s.found
     with psycopg.connect(found.database_url, autocommit=True) as conn:
@@ -227,7 +227,7 @@ def run_raw(s: Setup, total: int, timeout: float) -> LoadRun:
     import redis
 
     from bench.raw_actors import RAW_QUEUE, noop
-    from tests.harness.workers import WorkerGroup
+    from harness.workers import WorkerGroup
 
     client = redis.Redis.from_url(s.found.redis.url)
     client.flushdb()
@@ -432,7 +432,7 @@ def pyinstrument_profile(s: Setup, count: int) -> str:
 def _seed(database_url: str, count: int) -> list[str]:
     import psycopg
 
-    from tests.factories import insert_booking, insert_venue
+    from harness.factories import insert_booking, insert_venue
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         venue = insert_venue(conn, name="Bench Bistro")

@@ -30,10 +30,10 @@ from psycopg.rows import dict_row
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.factories import insert_booking, insert_venue  # noqa: E402
-from tests.harness.servers import PostgresServer, RedisServer, SmtpSink  # noqa: E402
-from tests.harness.unleash import UnleashServer  # noqa: E402
-from tests.harness.workers import WorkerGroup  # noqa: E402
+from harness.factories import insert_booking, insert_venue  # noqa: E402
+from harness.servers import PostgresServer, RedisServer, SmtpSink  # noqa: E402
+from harness.unleash import UnleashServer  # noqa: E402
+from harness.workers import WorkerGroup  # noqa: E402
 
 STATUS_MIX = ("pending", "confirmed", "confirmed", "cancelled")
 

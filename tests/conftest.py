@@ -11,10 +11,10 @@ from types import FrameType
 import pytest
 import redis
 
+from harness.servers import PostgresServer, RedisServer, SmtpSink
 from service.app import App
 from service.db import migrate
 from tests.current_app import running_app
-from tests.harness.servers import PostgresServer, RedisServer, SmtpSink
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from harness.servers import free_port, wait_for
 from tests.current_app import running_app
-from tests.harness.servers import free_port, wait_for
 
 WEBHOOK_SECRET = "whsec-test-0123456789"
 

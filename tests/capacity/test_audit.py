@@ -14,6 +14,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from typer.testing import CliRunner
 
+from harness.factories import insert_booking, insert_venue
 from service.capacity import repository as repo
 from service.capacity.audit import (
     ActiveHold,
@@ -32,7 +33,6 @@ from service.capacity.holds import build_hold_metadata
 from service.capacity.policy import CapacityPolicy, policy_version
 from service.capacity.quoting import Quote
 from tests.capacity import make_policy, table
-from tests.factories import insert_booking, insert_venue
 
 START = datetime(2030, 5, 17, 19, 0, tzinfo=UTC)
 

@@ -26,6 +26,8 @@ from prometheus_client import REGISTRY
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from harness.factories import insert_booking, insert_venue
+from harness.servers import PostgresServer, SmtpSink
 from service.capacity import repository as repo
 from service.capacity.audit import (
     PolicyBook,
@@ -48,8 +50,6 @@ from service.capacity.records import PolicyRevision
 from service.db import MIGRATIONS_DIR, migrate
 from tests.capacity import make_policy, table
 from tests.current_app import capacity, current_app, relay
-from tests.factories import insert_booking, insert_venue
-from tests.harness.servers import PostgresServer, SmtpSink
 
 ROOT = Path(__file__).resolve().parents[2]
 GUEST_NAME = "Gwendolyn Guestworthy"

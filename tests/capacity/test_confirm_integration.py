@@ -23,6 +23,8 @@ from prometheus_client import REGISTRY
 from psycopg.types.json import Jsonb
 from typer.testing import CliRunner
 
+from harness.factories import insert_booking, insert_venue
+from harness.servers import SmtpSink
 from service.capacity import repository as repo
 from service.capacity.confirm import confirm_hold_assignment, confirm_with_policy_retry, create_hold
 from service.capacity.errors import (
@@ -45,8 +47,6 @@ from service.db import DatabaseConflict, DatabaseUnavailable
 from tests.capacity import make_policy, revised, table
 from tests.capacity.conftest import WebhookReceiver
 from tests.current_app import capacity, current_app, transaction
-from tests.factories import insert_booking, insert_venue
-from tests.harness.servers import SmtpSink
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "floor.manager@venue.example"

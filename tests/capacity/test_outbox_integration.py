@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
+from harness.factories import insert_venue
+from harness.servers import SmtpSink, wait_for
 from service.outbox import store, write_event
 from service.outbox.notifications import POLICY_DRIFT_ESCALATED, PolicyDriftEscalation
 from service.outbox.relay import backoff_seconds
 from tests.capacity.conftest import WebhookReceiver
 from tests.current_app import relay, transaction
-from tests.factories import insert_venue
-from tests.harness.servers import SmtpSink, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "ops@venue.example"

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import trustme
 
+from harness.servers import SmtpSink, free_port
 from service.outbox.egress import EgressRefused, check_url, forbidden_reason
 from tests.capacity.conftest import WebhookReceiver
 from tests.capacity.test_outbox_integration import _row
 from tests.capacity.test_outbox_recipients import _event
 from tests.current_app import reconfigure, relay
-from tests.harness.servers import SmtpSink, free_port
 
 # --------------------------------------------------------------------------- the pure decision
 

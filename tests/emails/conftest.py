@@ -13,8 +13,8 @@ import dramatiq
 import psycopg
 import pytest
 
+from harness.factories import insert_booking, insert_venue
 from service.app import App
-from tests.factories import insert_booking, insert_venue
 
 QUEUE = "pending-booking-emails"
 

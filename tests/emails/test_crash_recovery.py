@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis
 
+from harness.servers import SmtpSink
+from harness.workers import WorkerGroup
 from tests.emails.conftest import QUEUE, Db, eventually, received_for
-from tests.harness.servers import SmtpSink
-from tests.harness.workers import WorkerGroup
 
 pytestmark = pytest.mark.slow
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 
+from harness.servers import RedisServer, SmtpSink, free_port
 from service.actors.emails import send_booking_email
 from service.app import App
 from service.emails.models import EmailPayload
@@ -20,7 +21,6 @@ from service.emails.pipeline import deliver
 from service.emails.reconcile import ReconcileReport, claim, reconcile
 from service.emails.rules import Action, Attempt
 from tests.emails.conftest import QUEUE, Db, eventually, received, received_for
-from tests.harness.servers import RedisServer, SmtpSink, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -329,7 +329,7 @@ def test_email_accepted_by_smtp_is_recorded_through_a_postgres_restart(
     record the send, so the redelivery that follows finds it sent instead of sending it again."""
     import psycopg
 
-    from tests.factories import insert_booking, insert_venue
+    from harness.factories import insert_booking, insert_venue
 
     sink = SmtpSink.start_new(delay=1.5)
     app = App.for_worker({**service_env, "SMTP_URL": sink.url})

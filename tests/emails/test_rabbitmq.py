@@ -15,9 +15,9 @@ from typing import Any
 import pika
 import pytest
 
+from harness.servers import RabbitServer, RabbitUnavailable, SmtpSink, port_open, wait_for
+from harness.workers import ROOT, WorkerGroup
 from tests.emails.conftest import Db, eventually, received_for
-from tests.harness.servers import RabbitServer, RabbitUnavailable, SmtpSink, port_open, wait_for
-from tests.harness.workers import ROOT, WorkerGroup
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from harness.servers import SmtpSink, wait_for
+from harness.workers import ROOT
 from service.emails.transport import AUTH_FAILED, UNREADY_KEY
 from service.observability.heartbeat import clear_unready
 from tests.current_app import reconfigure, relay
 from tests.emails.conftest import Db, eventually
-from tests.harness.servers import SmtpSink, wait_for
-from tests.harness.workers import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
 

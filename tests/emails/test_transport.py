@@ -15,6 +15,8 @@ import trustme
 from aiosmtpd.controller import Controller
 from prometheus_client import REGISTRY
 
+from harness.servers import free_port
+from harness.smtp_sink import Credentials, StoringHandler
 from service.emails import transport as transport_module
 from service.emails.transport import (
     AUTH_FAILED,
@@ -26,8 +28,6 @@ from service.emails.transport import (
     TransientSmtpError,
 )
 from service.observability.heartbeat import clear_unready, unready_reasons
-from tests.harness.servers import free_port
-from tests.harness.smtp_sink import Credentials, StoringHandler
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.servers import PostgresServer
+from harness.unleash import UnleashServer
 from service import flags
 from service.config import reset_settings
 from service.flags import client as flag_client
-from tests.harness.servers import PostgresServer
-from tests.harness.unleash import UnleashServer
 
 BASE_ENV = {
     "DATABASE_URL": "postgresql://flags@127.0.0.1:1/unused",

@@ -9,11 +9,11 @@ import psycopg
 import pytest
 import redis
 
+from harness.factories import insert_booking, insert_venue
+from harness.servers import RedisServer, SmtpSink, wait_for
+from harness.unleash import UnleashServer
 from service import flags
 from service.config import reset_settings
-from tests.factories import insert_booking, insert_venue
-from tests.harness.servers import RedisServer, SmtpSink, wait_for
-from tests.harness.unleash import UnleashServer
 
 pytestmark = pytest.mark.unleash
 

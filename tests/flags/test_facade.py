@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 from UnleashClient.cache import FileCache
 
+from harness.servers import free_port
 from service import flags
 from service.config import get_settings, reset_settings
 from service.flags import client as flag_client
 from service.flags.client import QuietSdkErrors
 from service.metrics import FLAG_ENABLED
-from tests.harness.servers import free_port
 
 APP = "booking-durability-service"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.unleash import ENVIRONMENT, PROJECT, UnleashServer
+from harness.unleash import ENVIRONMENT, PROJECT, UnleashServer
 
 pytestmark = pytest.mark.unleash
 

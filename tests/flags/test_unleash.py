@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.servers import RedisServer, free_port, wait_for
+from harness.unleash import UnleashServer
 from service import flags
 from service.config import reset_settings
 from service.flags import client as flag_client
 from service.flags.middleware import FlagsMiddleware
-from tests.harness.servers import RedisServer, free_port, wait_for
-from tests.harness.unleash import UnleashServer
 
 pytestmark = pytest.mark.unleash
 

@@ -19,10 +19,10 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
+from harness.servers import RabbitServer, SmtpSink
+from harness.workers import ROOT, WorkerGroup
 from service.dlq.operations import parse_duration
 from tests.emails.conftest import QUEUE, Db, broker, db, eventually, received_for, worker  # noqa: F401 (fixtures)
-from tests.harness.servers import RabbitServer, SmtpSink
-from tests.harness.workers import ROOT, WorkerGroup
 
 
 def dlq(*args: str) -> Any:

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from harness.servers import free_port
+from harness.workers import ROOT, WorkerGroup
 from tests.emails.conftest import eventually
-from tests.harness.servers import free_port
-from tests.harness.workers import ROOT, WorkerGroup
 
 MODULE = "tests.observability.sleepy_actors"
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.servers import SmtpSink, free_port
+from harness.workers import WorkerGroup
 from tests.emails.conftest import QUEUE, Db, broker, db, eventually  # noqa: F401 (fixtures)
-from tests.harness.servers import SmtpSink, free_port
-from tests.harness.workers import WorkerGroup
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

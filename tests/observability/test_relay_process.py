@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.servers import free_port, wait_for
-from tests.harness.workers import ROOT
+from harness.servers import free_port, wait_for
+from harness.workers import ROOT
 
 pytestmark = pytest.mark.slow
 

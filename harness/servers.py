@@ -270,7 +270,7 @@ class RedisServer:
 
 @dataclass
 class SmtpSink:
-    """The aiosmtpd sink of ``tests.harness.smtp_sink`` in its own process.
+    """The aiosmtpd sink of ``harness.smtp_sink`` in its own process.
 
     Accepted messages land as ``.eml`` files in ``store``; see that module for the recipient
     addresses that make it reject or fail temporarily. With ``auth`` (login, password) it
@@ -306,7 +306,7 @@ class SmtpSink:
             [
                 sys.executable,
                 "-m",
-                "tests.harness.smtp_sink",
+                "harness.smtp_sink",
                 "--port",
                 str(self.port),
                 "--store",
@@ -315,7 +315,7 @@ class SmtpSink:
                 str(self.delay),
                 *(["--auth", ":".join(self.auth)] if self.auth else []),
             ],
-            cwd=Path(__file__).resolve().parents[2],
+            cwd=Path(__file__).resolve().parents[1],
         )
         wait_for(lambda: port_open(self.port), 20, "smtp sink")
 
