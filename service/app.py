@@ -20,13 +20,18 @@ import dramatiq
 
 from service.broker import build_broker, build_middleware
 from service.capacity.audit import InvalidHoldsSource
-from service.capacity.backfill import HOLD_RELEASED_IRREPARABLE, format_irreparable_hold_release
+from service.capacity.notifications import (
+    HOLD_RELEASED_IRREPARABLE,
+    POLICY_DRIFT_ESCALATED,
+    format_irreparable_hold_release,
+    format_policy_drift_escalation,
+)
 from service.config import PRODUCER, SERVICE, Settings, load_settings
 from service.db import Database
 from service.deadletters import DeadLetterRecorder
 from service.emails.models import utcnow
 from service.emails.pipeline import Mailroom
-from service.emails.transport import Mailer
+from service.smtp import Mailer
 from service.flags import Flags
 from service.flags.middleware import FlagsMiddleware
 from service.logs import configure
@@ -34,7 +39,6 @@ from service.observability.collectors import Source, build_sources
 from service.observability.exposition import run_worker_exposition
 from service.observability.middleware import DramatiqMetrics, WorkerHeartbeat
 from service.outbox.delivery import AdminNotificationHandler, Handler, Postbox
-from service.outbox.notifications import POLICY_DRIFT_ESCALATED, format_policy_drift_escalation
 
 
 class App:

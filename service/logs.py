@@ -2,7 +2,8 @@
 
 Our loggers never touch global logging state, so a booking service importing the actor keeps its
 own logging setup (it sees each event's message). Worker and CLI processes call ``configure``,
-which renders every record, Dramatiq's included, as JSON with guest addresses and secrets masked.
+which renders every record, Dramatiq's included, as JSON with guest addresses and secrets masked
+and no message's arguments shown.
 """
 
 from __future__ import annotations
@@ -50,6 +51,38 @@ _PROCESSORS: list[Any] = [
 ]
 
 
+def _looks_like_message(value: object) -> bool:
+    return all(hasattr(value, a) for a in ("actor_name", "message_id", "args", "kwargs"))
+
+
+def describe_message(message: Any) -> str:
+    """A message as logs may show it: actor, id and argument names, never argument values."""
+    kwargs = message.kwargs if isinstance(message.kwargs, dict) else {}
+    names = ", ".join(str(k) for k in kwargs)
+    positional = len(message.args) if isinstance(message.args, list | tuple) else 0
+    shown = ", ".join(p for p in (f"{positional} positional" if positional else "", names) if p)
+    return f"{message.actor_name}({shown}) [id {message.message_id}]"
+
+
+class RedactMessageArguments(logging.Filter):
+    """Replace every message object among a record's arguments by ``describe_message``.
+
+    Dramatiq logs whole messages ("Failed to process message send_booking_email(..., guest_name=
+    '...')"); a message's arguments can carry guest data whoever produced it, so no log line of
+    this process shows them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(_looks_like_message(a) for a in args):
+            record.args = tuple(describe_message(a) if _looks_like_message(a) else a for a in args)
+        elif _looks_like_message(args):
+            record.args = (describe_message(args),)
+        if _looks_like_message(record.msg):
+            record.msg = describe_message(record.msg)
+        return True
+
+
 def get_logger(name: str) -> Any:
     return structlog.wrap_logger(
         logging.getLogger(name), processors=_PROCESSORS, wrapper_class=structlog.stdlib.BoundLogger
@@ -87,6 +120,7 @@ def configure(level: str = "INFO", fmt: str = "json") -> None:
     """Route every log record of this process to stderr, as JSON (or plain text for humans)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    handler.addFilter(RedactMessageArguments())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

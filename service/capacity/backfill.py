@@ -26,11 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 from psycopg.rows import dict_row, tuple_row
-from pydantic import BaseModel, ConfigDict, Field
 
 from service.capacity.audit import (
     METADATA_CONSTRAINT,
@@ -45,19 +43,20 @@ from service.capacity.audit import (
     hold_problems,
 )
 from service.capacity.holds import MetadataProblem, build_hold_metadata
+from service.capacity.notifications import (
+    HOLD_RELEASED_IRREPARABLE,
+    IrreparableHoldRelease,
+)
 from service.capacity.policy import tables_by_id
 from service.capacity.quoting import Quote
 from service.db import Database, DatabaseUnavailable
 from service.logs import get_logger
-from service.outbox.notifications import Notification
 
 log = get_logger(__name__)
 
-HOLD_RELEASED_IRREPARABLE = "hold.released_irreparable"
 IRREPARABLE_RELEASE_REASON = "irreparable_metadata"
 EXPIRED_RELEASE_REASON = "expired"
 
-IrreparableReason = Literal["policy_missing", "tables_missing", "selection_invalid"]
 Action = Literal["valid", "repair", "release"]
 
 
@@ -156,90 +155,6 @@ def judge(hold: ActiveHold, policies: HoldPolicies, memo: Memo | None = None) ->
         return Verdict(hold, "repair", problems, metadata=metadata, rebuilt_under=under)
     missing = tuple(sorted(set(hold.table_ids) - candidates[0].table_ids))
     return Verdict(hold, "release", problems, "tables_missing", missing_table_ids=missing)
-
-
-# -- the admin notification (pure) -------------------------------------------------------------
-
-
-class IrreparableHoldRelease(BaseModel):
-    """Payload of ``hold.released_irreparable``: venue and booking context, no guest details."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    venue_id: str
-    venue_name: str
-    venue_timezone: str
-    hold_id: str
-    booking_id: str
-    party_size: int = Field(ge=1)
-    starts_at: datetime
-    table_ids: list[str]
-    reason: IrreparableReason
-    missing_table_ids: list[str] = Field(default_factory=list)
-    problems: list[dict[str, str]]
-    released_at: datetime
-
-
-_WHY = {
-    "policy_missing": "the venue has no capacity policy to rebuild the hold's record from",
-    "tables_missing": "its tables are no longer in the venue's floor plan",
-    "selection_invalid": "its table selection cannot form a valid hold",
-}
-
-
-def _local(moment: datetime, timezone: str) -> str:
-    try:
-        zone = ZoneInfo(timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        zone = ZoneInfo("UTC")
-    return f"{moment.astimezone(zone):%a %d %b %Y %H:%M} ({timezone})"
-
-
-def format_irreparable_hold_release(raw: dict[str, Any]) -> Notification:
-    """Subject, text and data telling a venue's admins that a hold was released."""
-    event = IrreparableHoldRelease.model_validate(raw)
-    when = _local(event.starts_at, event.venue_timezone)
-    missing = (
-        [f"Tables no longer in the floor plan: {', '.join(event.missing_table_ids)}"]
-        if event.missing_table_ids
-        else []
-    )
-    problems = [f"  - {p.get('path') or '(root)'}: {p.get('message', '')}" for p in event.problems]
-    lines = [
-        f"A table hold at {event.venue_name} was released because its record was incomplete "
-        f"and could not be repaired: {_WHY[event.reason]} ({event.reason}).",
-        "",
-        f"Booking:    {event.booking_id}",
-        f"Party size: {event.party_size}",
-        f"Time:       {when}",
-        f"Tables:     {', '.join(event.table_ids)}",
-        f"Hold:       {event.hold_id}",
-        *missing,
-        "",
-        "Problems found in the hold's record:",
-        *(problems or ["  (none recorded)"]),
-        "",
-        "The booking keeps its status but no longer holds tables: please assign tables by hand "
-        "or follow up with the guest from the booking screen.",
-    ]
-    data = {
-        "reason": event.reason,
-        "venue": {"id": event.venue_id, "name": event.venue_name},
-        "booking": {
-            "id": event.booking_id,
-            "party_size": event.party_size,
-            "starts_at": event.starts_at.isoformat(),
-        },
-        "hold": {
-            "id": event.hold_id,
-            "table_ids": event.table_ids,
-            "missing_table_ids": event.missing_table_ids,
-            "problems": event.problems,
-        },
-        "released_at": event.released_at.isoformat(),
-    }
-    subject = f"Table hold released at {event.venue_name}: booking for {event.party_size} on {when}"
-    return Notification(subject=subject, text="\n".join(lines) + "\n", data=data)
 
 
 # -- the run -----------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from service.capacity.decisions import (
     tables_taken,
 )
 from service.capacity.errors import HOLD_METADATA_INCOMPLETE, POLICY_CHANGED, CapacityError
+from service.capacity.notifications import POLICY_DRIFT_ESCALATED, PolicyDriftEscalation
 from service.capacity.records import Hold, PolicyRevision
 from service.db import Database
 from service.logs import get_logger
@@ -46,7 +47,6 @@ from service.metrics import (
     POLICY_DRIFT,
 )
 from service.outbox import write_event
-from service.outbox.notifications import POLICY_DRIFT_ESCALATED, PolicyDriftEscalation
 
 __all__ = [
     "MAX_REQUOTE_CYCLES",

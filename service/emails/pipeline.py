@@ -20,7 +20,7 @@ from service.emails import deliveries
 from service.emails.models import EmailPayload
 from service.emails.render import UnrenderableBooking, message_id, render
 from service.emails.rules import Action, Attempt, after_failure, before_send
-from service.emails.transport import SmtpError
+from service.smtp import SmtpError
 from service.resilience import PermanentError, ServiceError, TransientError, keep_trying
 
 

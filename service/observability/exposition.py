@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client import multiprocess as prom_multiprocess
 
 from service.config import Settings
@@ -69,8 +69,6 @@ def build_registry(sources: list[Source]) -> CollectorRegistry:
         directory.mkdir(parents=True, exist_ok=True)
         prom_multiprocess.MultiProcessCollector(registry, path=str(directory))
     else:
-        from prometheus_client import REGISTRY
-
         registry.register(_Delegate(REGISTRY))
     registry.register(ScrapeCollector(sources))
     return registry

@@ -25,7 +25,7 @@ import httpx
 
 from service.config import Settings
 from service.db import Database
-from service.emails.transport import Refusal, SmtpError
+from service.smtp import Refusal, SmtpError
 from service.logs import get_logger
 from service.metrics import OUTBOX_RECIPIENTS
 from service.outbox import egress

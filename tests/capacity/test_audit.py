@@ -24,12 +24,9 @@ from service.capacity.audit import (
     count_active_holds_by_validity,
     hold_problems,
 )
-from service.capacity.backfill import (
-    IrreparableHoldRelease,
-    format_irreparable_hold_release,
-    judge,
-)
+from service.capacity.backfill import judge
 from service.capacity.holds import build_hold_metadata
+from service.capacity.notifications import IrreparableHoldRelease, format_irreparable_hold_release
 from service.capacity.policy import CapacityPolicy, policy_version
 from service.capacity.quoting import Quote
 from tests.capacity import make_policy, table

@@ -36,14 +36,11 @@ from service.capacity.audit import (
     hold_problems,
 )
 from service.capacity.audit import audit as run_audit
-from service.capacity.backfill import (
-    HOLD_RELEASED_IRREPARABLE,
-    IRREPARABLE_RELEASE_REASON,
-    run_backfill,
-)
+from service.capacity.backfill import IRREPARABLE_RELEASE_REASON, run_backfill
 from service.capacity.confirm import confirm_hold_assignment, create_hold, load_confirmation
 from service.capacity.errors import POLICY_CHANGED, CapacityError
 from service.capacity.holds import build_hold_metadata, hold_metadata_problems, metadata_incomplete
+from service.capacity.notifications import HOLD_RELEASED_IRREPARABLE
 from service.capacity.policy import CapacityPolicy, adjacency_hash, policy_version
 from service.capacity.quoting import Quote
 from service.capacity.records import PolicyRevision

@@ -21,8 +21,8 @@ import pytest
 
 from harness.factories import insert_venue
 from harness.servers import SmtpSink, wait_for
+from service.capacity.notifications import POLICY_DRIFT_ESCALATED, PolicyDriftEscalation
 from service.outbox import store, write_event
-from service.outbox.notifications import POLICY_DRIFT_ESCALATED, PolicyDriftEscalation
 from service.outbox.relay import backoff_seconds
 from tests.capacity.conftest import WebhookReceiver
 from tests.current_app import relay, transaction

@@ -11,8 +11,8 @@ from prometheus_client import REGISTRY
 
 from harness.factories import insert_venue
 from harness.servers import SmtpSink
+from service.capacity.notifications import POLICY_DRIFT_ESCALATED
 from service.outbox import store, write_event
-from service.outbox.notifications import POLICY_DRIFT_ESCALATED
 from service.outbox.relay import Relay
 from tests.capacity.conftest import WebhookReceiver
 from tests.capacity.test_outbox_integration import _cli, _payload, _row

@@ -17,8 +17,8 @@ from prometheus_client import REGISTRY
 
 from harness.servers import free_port
 from harness.smtp_sink import Credentials, StoringHandler
-from service.emails import transport as transport_module
-from service.emails.transport import (
+from service import smtp as transport_module
+from service.smtp import (
     AUTH_FAILED,
     PermanentSmtpError,
     Refusal,
@@ -171,7 +171,7 @@ def test_credentials_without_tls_warn_once_and_never_log_the_password(
         Server(
             store, authenticator=authenticate, auth_required=True, auth_require_tls=False
         ) as server,
-        caplog.at_level(logging.INFO, logger="service.emails.transport"),
+        caplog.at_level(logging.INFO, logger="service.smtp"),
     ):
         url = f"smtp://mailer:p%40ss%20word@127.0.0.1:{server.port}"
         for _ in range(2):  # two transports: two connections, one warning per process
@@ -201,7 +201,7 @@ def test_credentials_over_starttls_do_not_warn(
             authenticator=authenticate,
             auth_required=True,
         ) as server,
-        caplog.at_level(logging.INFO, logger="service.emails.transport"),
+        caplog.at_level(logging.INFO, logger="service.smtp"),
     ):
         url = f"smtp://mailer:p%40ss%20word@127.0.0.1:{server.port}?starttls=true"
         SmtpTransport(SmtpTarget.from_url(url), timeout=2, ca_file=ca_file).send(message())

@@ -1,4 +1,5 @@
-"""SMTP transport: one reused connection per thread, failures classified as transient or permanent.
+"""SMTP transport, shared by guest emails and admin notifications: one reused connection per
+thread, failures classified as transient, permanent or a configuration error.
 
 ``smtplib`` raises only when the server refuses every recipient of a message; otherwise it
 returns the refused ones. ``send_to`` reports them per recipient (a 4xx is deferred, a 5xx
