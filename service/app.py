@@ -31,7 +31,6 @@ from service.db import Database
 from service.deadletters import DeadLetterRecorder
 from service.emails.models import utcnow
 from service.emails.pipeline import Mailroom
-from service.smtp import Mailer
 from service.flags import Flags
 from service.flags.middleware import FlagsMiddleware
 from service.logs import configure
@@ -39,6 +38,7 @@ from service.observability.collectors import Source, build_sources
 from service.observability.exposition import run_worker_exposition
 from service.observability.middleware import DramatiqMetrics, WorkerHeartbeat
 from service.outbox.delivery import AdminNotificationHandler, Handler, Postbox
+from service.smtp import Mailer
 
 
 class App:

@@ -20,8 +20,8 @@ from service.emails import deliveries
 from service.emails.models import EmailPayload
 from service.emails.render import UnrenderableBooking, message_id, render
 from service.emails.rules import Action, Attempt, after_failure, before_send
-from service.smtp import SmtpError
 from service.resilience import PermanentError, ServiceError, TransientError, keep_trying
+from service.smtp import SmtpError
 
 
 class DeliveryFailed(ServiceError):

@@ -25,13 +25,13 @@ import httpx
 
 from service.config import Settings
 from service.db import Database
-from service.smtp import Refusal, SmtpError
 from service.logs import get_logger
 from service.metrics import OUTBOX_RECIPIENTS
 from service.outbox import egress
 from service.outbox.notifications import Notification
 from service.outbox.signing import signed_headers
 from service.outbox.store import OutboxEvent
+from service.smtp import Refusal, SmtpError
 
 log = get_logger(__name__)
 

@@ -18,8 +18,8 @@ from prometheus_client import REGISTRY
 
 from harness.servers import SmtpSink, wait_for
 from harness.workers import ROOT
-from service.smtp import AUTH_FAILED, UNREADY_KEY
 from service.observability.heartbeat import clear_unready
+from service.smtp import AUTH_FAILED, UNREADY_KEY
 from tests.current_app import reconfigure, relay
 from tests.emails.conftest import Db, eventually
 

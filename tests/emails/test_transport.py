@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 from harness.servers import free_port
 from harness.smtp_sink import Credentials, StoringHandler
 from service import smtp as transport_module
+from service.observability.heartbeat import clear_unready, unready_reasons
 from service.smtp import (
     AUTH_FAILED,
     PermanentSmtpError,
@@ -27,7 +28,6 @@ from service.smtp import (
     SmtpTransport,
     TransientSmtpError,
 )
-from service.observability.heartbeat import clear_unready, unready_reasons
 
 
 @pytest.fixture(scope="module")

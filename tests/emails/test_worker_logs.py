@@ -33,7 +33,12 @@ def test_worker_lines_are_json_and_never_show_message_arguments(
         queue_name=QUEUE,
         actor_name="send_booking_email",
         args=(),
-        kwargs={"booking_id": "not-a-uuid", "type": "confirmed", "guest_name": GUEST, "to": ADDRESS},
+        kwargs={
+            "booking_id": "not-a-uuid",
+            "type": "confirmed",
+            "guest_name": GUEST,
+            "to": ADDRESS,
+        },
         options={},
     )
     group = WorkerGroup(env, processes=1, threads=2, log_path=log_path).start()
