@@ -2,13 +2,16 @@
 
 Counters and histograms work in Prometheus multiprocess mode (PROMETHEUS_MULTIPROC_DIR set
 before the workers fork). Values read from the broker or the database at scrape time are
-exported by collectors registered on the exposition server, see ``service.observability``.
+declared here too (``ScrapeGauge``) and filled in by the collectors of ``service.observability``.
 The docs/metrics.md page lists each metric with its labels.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 EMAILS = Counter(
     "booking_emails_total",
@@ -86,3 +89,65 @@ SMTP_AUTH_FAILURES = Counter(
     "SMTP servers refusing our credentials (535, or AUTH required but refused): a configuration "
     "error, never retried.",
 )
+
+
+# -- read at scrape time (by the collectors in service.observability.collectors) -------------
+
+
+@dataclass(frozen=True)
+class ScrapeGauge:
+    """A gauge whose value is read from the broker, Postgres or heartbeat records per scrape."""
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...] = ()
+
+    def family(self, value: float | None = None) -> GaugeMetricFamily:
+        """A fresh family to fill in this scrape (``value`` when it has no labels)."""
+        if self.labels:
+            return GaugeMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        return GaugeMetricFamily(self.name, self.documentation, value=value)
+
+
+QUEUE_DEPTH = ScrapeGauge(
+    "booking_queue_depth",
+    "Messages per queue and state (ready, in_flight, delayed, dead), read at scrape time.",
+    ("queue", "state"),
+)
+QUEUE_OLDEST_AGE = ScrapeGauge(
+    "booking_queue_oldest_message_age_seconds",
+    "Age of the oldest ready message of the queue; 0 when none is ready.",
+    ("queue",),
+)
+OUTBOX_PENDING = ScrapeGauge("booking_outbox_pending", "Outbox events not yet delivered.")
+OUTBOX_OLDEST_AGE = ScrapeGauge(
+    "booking_outbox_oldest_age_seconds",
+    "Age of the oldest undelivered outbox event; 0 when none is pending.",
+)
+HOLDS_INVALID_ACTIVE = ScrapeGauge(
+    "booking_holds_invalid_active",
+    "Active (unexpired, unconfirmed) holds whose metadata fails validation.",
+)
+COLLECTOR_UP = ScrapeGauge(
+    "booking_collector_up",
+    "1 when the scrape-time collector answered in this scrape, else 0.",
+    ("collector",),
+)
+COLLECTOR_DURATION = ScrapeGauge(
+    "booking_collector_duration_seconds",
+    "How long the scrape-time collector took in this scrape.",
+    ("collector",),
+)
+COLLECTOR_ERRORS_NAME = "booking_collector_errors"
+COLLECTOR_ERRORS_HELP = (
+    "Scrape-time collections that failed or timed out, since the exposition server started."
+)
+
+
+def heartbeat_gauge(role: str) -> ScrapeGauge:
+    """``booking_<role>_last_heartbeat_timestamp_seconds`` (role: worker, relay)."""
+    return ScrapeGauge(
+        f"booking_{role}_last_heartbeat_timestamp_seconds",
+        f"Unix time of the last heartbeat of each {role} process of this pod.",
+        ("pid",),
+    )

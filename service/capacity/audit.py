@@ -20,12 +20,13 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from psycopg.rows import class_row, dict_row
 from pydantic import ValidationError
 
 from service.capacity.holds import MetadataProblem, hold_metadata_problems
 from service.capacity.policy import CapacityPolicy, policy_version
+from service.metrics import HOLDS_INVALID_ACTIVE
 from service.observability.collectors import Database as ScrapeDatabase
 
 METADATA_CONSTRAINT = "holds_active_metadata_object"
@@ -401,10 +402,4 @@ class InvalidHoldsSource:
 
     def collect(self) -> list[Metric]:
         counts = self.db.run(count_active_holds_by_validity)
-        return [
-            GaugeMetricFamily(
-                "booking_holds_invalid_active",
-                "Active (unexpired, unconfirmed) holds whose metadata fails validation.",
-                counts["invalid"],
-            )
-        ]
+        return [HOLDS_INVALID_ACTIVE.family(counts["invalid"])]

@@ -24,6 +24,17 @@ from prometheus_client.registry import Collector
 from service.amqp import connect
 from service.config import Settings
 from service.logs import get_logger
+from service.metrics import (
+    COLLECTOR_DURATION,
+    COLLECTOR_ERRORS_HELP,
+    COLLECTOR_ERRORS_NAME,
+    COLLECTOR_UP,
+    OUTBOX_OLDEST_AGE,
+    OUTBOX_PENDING,
+    QUEUE_DEPTH,
+    QUEUE_OLDEST_AGE,
+    heartbeat_gauge,
+)
 from service.observability.heartbeat import read_records, record_is_current
 
 log = get_logger(__name__)
@@ -59,16 +70,8 @@ def waiting_since_ms(message: dict[str, Any]) -> float:
 
 
 def _depth_families(depths: dict[str, dict[str, int]], ages: dict[str, float]) -> list[Metric]:
-    depth = GaugeMetricFamily(
-        "booking_queue_depth",
-        "Messages per queue and state (ready, in_flight, delayed, dead), read at scrape time.",
-        labels=["queue", "state"],
-    )
-    oldest = GaugeMetricFamily(
-        "booking_queue_oldest_message_age_seconds",
-        "Age of the oldest ready message of the queue; 0 when none is ready.",
-        labels=["queue"],
-    )
+    depth = QUEUE_DEPTH.family()
+    oldest = QUEUE_OLDEST_AGE.family()
     for queue, by_state in sorted(depths.items()):
         for state in STATES:
             if state in by_state:
@@ -230,14 +233,8 @@ class Outbox:
             ("pending",),
         )
         return [
-            GaugeMetricFamily(
-                "booking_outbox_pending", "Outbox events not yet delivered.", pending
-            ),
-            GaugeMetricFamily(
-                "booking_outbox_oldest_age_seconds",
-                "Age of the oldest undelivered outbox event; 0 when none is pending.",
-                float(oldest),
-            ),
+            OUTBOX_PENDING.family(pending),
+            OUTBOX_OLDEST_AGE.family(float(oldest)),
         ]
 
 
@@ -253,11 +250,7 @@ class Heartbeats:
             role = str(record.get("role", "worker"))
             family = families.get(role)
             if family is None:
-                family = families[role] = GaugeMetricFamily(
-                    f"booking_{role}_last_heartbeat_timestamp_seconds",
-                    f"Unix time of the last heartbeat of each {role} process of this pod.",
-                    labels=["pid"],
-                )
+                family = families[role] = heartbeat_gauge(role).family()
             family.add_metric([str(record["pid"])], float(record.get("time", 0)))
         return list(families.values())
 
@@ -285,21 +278,11 @@ class ScrapeCollector(Collector):
             lock.release()
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(
-            "booking_collector_up",
-            "1 when the scrape-time collector answered in this scrape, else 0.",
-            labels=["collector"],
-        )
+        up = COLLECTOR_UP.family()
         errors = CounterMetricFamily(
-            "booking_collector_errors",
-            "Scrape-time collections that failed or timed out, since the exposition server started.",
-            labels=["collector"],
+            COLLECTOR_ERRORS_NAME, COLLECTOR_ERRORS_HELP, labels=["collector"]
         )
-        duration = GaugeMetricFamily(
-            "booking_collector_duration_seconds",
-            "How long the scrape-time collector took in this scrape.",
-            labels=["collector"],
-        )
+        duration = COLLECTOR_DURATION.family()
         futures = {s.name: self._pool.submit(self._run, s) for s in self.sources}
         wait(futures.values(), timeout=self.deadline)
         for name, future in futures.items():
