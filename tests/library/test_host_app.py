@@ -60,7 +60,10 @@ def test_import_with_no_environment_starts_nothing() -> None:
 def test_host_keeps_its_broker_and_we_enqueue_with_broker_url_only(
     redis_server: RedisServer,
 ) -> None:
-    ours, theirs = f"{redis_server.url.rsplit('/', 1)[0]}/5", f"{redis_server.url.rsplit('/', 1)[0]}/6"
+    ours, theirs = (
+        f"{redis_server.url.rsplit('/', 1)[0]}/5",
+        f"{redis_server.url.rsplit('/', 1)[0]}/6",
+    )
     for url in (ours, theirs):
         redis.Redis.from_url(url).flushdb()
     booking = str(uuid.uuid4())

@@ -46,9 +46,7 @@ def test_an_email_only_worker_pod_reports_every_flag(
         env, processes=2, threads=1, queues=("pending-booking-emails",), log_path=tmp_path / "w.log"
     ).start()
     try:
-        wait_for(
-            lambda: len(_flag_values(port)) == 2, 30, "booking_flag_enabled for both flags"
-        )
+        wait_for(lambda: len(_flag_values(port)) == 2, 30, "booking_flag_enabled for both flags")
         values = _flag_values(port)
     finally:
         group.stop()

@@ -31,18 +31,36 @@ def _error(**changes: str) -> str:
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [
-        ({"DATABASE_URL": f"postgresql://svc:{SECRET}@db:54x2/b"}, "DATABASE_URL: has an invalid port"),
-        ({"DATABASE_URL": f"postgresql://svc:{SECRET}@db:70000/b"}, "DATABASE_URL: has an invalid port"),
+        (
+            {"DATABASE_URL": f"postgresql://svc:{SECRET}@db:54x2/b"},
+            "DATABASE_URL: has an invalid port",
+        ),
+        (
+            {"DATABASE_URL": f"postgresql://svc:{SECRET}@db:70000/b"},
+            "DATABASE_URL: has an invalid port",
+        ),
         ({"BROKER_URL": f"redis://:{SECRET}@redis:notaport/0"}, "BROKER_URL: has an invalid port"),
-        ({"BROKER_URL": f"redis://:{SECRET}@redis:6379/zero"}, "BROKER_URL: the Redis database index must be a number"),
+        (
+            {"BROKER_URL": f"redis://:{SECRET}@redis:6379/zero"},
+            "BROKER_URL: the Redis database index must be a number",
+        ),
         ({"SMTP_URL": f"smtp://u:{SECRET}@smtp:0"}, "SMTP_URL: has an invalid port"),
-        ({"SMTP_URL": f"smtp://u:{SECRET}@smtp:25?starttls=maybe"}, "SMTP_URL: starttls must be true or false"),
-        ({"SMTP_URL": f"http://u:{SECRET}@smtp:25"}, "SMTP_URL: must start with one of smtp://, smtps://"),
+        (
+            {"SMTP_URL": f"smtp://u:{SECRET}@smtp:25?starttls=maybe"},
+            "SMTP_URL: starttls must be true or false",
+        ),
+        (
+            {"SMTP_URL": f"http://u:{SECRET}@smtp:25"},
+            "SMTP_URL: must start with one of smtp://, smtps://",
+        ),
         ({"DATABASE_URL": f"postgresql://svc:{SECRET}@:5432/b"}, "DATABASE_URL: has no host"),
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
         ({"SMTP_CA_FILE": "/nonexistent/ca.pem"}, "SMTP_CA_FILE: no such file"),
         ({"EMAIL_FROM": "bookings at example"}, "EMAIL_FROM: must be an email address"),
-        ({"PROMETHEUS_MULTIPROC_DIR": "/nonexistent/prom"}, "PROMETHEUS_MULTIPROC_DIR: no such directory"),
+        (
+            {"PROMETHEUS_MULTIPROC_DIR": "/nonexistent/prom"},
+            "PROMETHEUS_MULTIPROC_DIR: no such directory",
+        ),
         ({"METRICS_PORT": "ninety"}, "METRICS_PORT:"),
         ({"EMAIL_MAX_RETRIES": "-1"}, "EMAIL_MAX_RETRIES:"),
     ],
@@ -81,7 +99,11 @@ def test_settings_come_only_from_the_mapping_given(monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
-        ("BROKER_URL", f"redis://:{SECRET}@redis:6379/zero", "BROKER_URL: the Redis database index"),
+        (
+            "BROKER_URL",
+            f"redis://:{SECRET}@redis:6379/zero",
+            "BROKER_URL: the Redis database index",
+        ),
         ("SMTP_URL", f"smtp://u:{SECRET}@smtp:99999", "SMTP_URL: has an invalid port"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL: must be one of"),
     ],
