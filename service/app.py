@@ -12,9 +12,10 @@ settings are needed only when the immediate-send fallback runs.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from functools import cached_property
+from typing import Generic, TypeVar, overload
 
 import dramatiq
 
@@ -40,9 +41,37 @@ from service.observability.middleware import DramatiqMetrics, WorkerHeartbeat
 from service.outbox.delivery import AdminNotificationHandler, Handler, Postbox
 from service.smtp import Mailer
 
+T = TypeVar("T")
+
+
+class part(Generic[T]):
+    """A part of the App built once, on first use, under the App's lock: worker threads that all
+    ask for the database at their first message must not build a pool each."""
+
+    def __init__(self, build: Callable[[App], T]) -> None:
+        self.build = build
+        self.name = build.__name__
+        self.__doc__ = build.__doc__
+
+    @overload
+    def __get__(self, app: None, owner: type[App]) -> part[T]: ...
+
+    @overload
+    def __get__(self, app: App, owner: type[App]) -> T: ...
+
+    def __get__(self, app: App | None, owner: type[App]) -> part[T] | T:
+        if app is None:
+            return self
+        with app._lock:
+            if self.name not in app.__dict__:
+                app.__dict__[self.name] = self.build(app)
+            value: T = app.__dict__[self.name]
+            return value
+
 
 class App:
-    """One process's settings and adapters. Cheap to create; builds each part on first use."""
+    """One process's settings and adapters. Cheap to create; builds each part on first use
+    (then the instance attribute answers without the lock)."""
 
     def __init__(
         self, settings: Settings, *, clock: Callable[[], datetime] = utcnow, role: str = "cli"
@@ -50,6 +79,7 @@ class App:
         self.settings = settings
         self.clock = clock
         self.role = role
+        self._lock = threading.RLock()
 
     @classmethod
     def for_worker(cls, environ: Mapping[str, str] | None = None) -> App:
@@ -65,15 +95,15 @@ class App:
     def for_producer(cls, environ: Mapping[str, str] | None = None) -> App:
         return cls(load_settings(environ).require(*PRODUCER), role="producer")
 
-    @cached_property
+    @part
     def db(self) -> Database:
         return Database(self.settings.secret("database_url"), self.settings.db_pool_max_size)
 
-    @cached_property
+    @part
     def mailer(self) -> Mailer:
         return Mailer.from_settings(self.settings)
 
-    @cached_property
+    @part
     def mailroom(self) -> Mailroom:
         """What the email pipeline needs: the database, SMTP, the sender and the clock."""
         return Mailroom(
@@ -84,11 +114,11 @@ class App:
             clock=self.clock,
         )
 
-    @cached_property
+    @part
     def flags(self) -> Flags:
         return Flags(self.settings)
 
-    @cached_property
+    @part
     def broker(self) -> dramatiq.Broker:
         """This process's broker; it becomes Dramatiq's global broker only in a worker."""
         settings = self.settings
@@ -100,7 +130,7 @@ class App:
         )
         return build_broker(settings, middleware)
 
-    @cached_property
+    @part
     def outbox_handlers(self) -> Mapping[str, Handler]:
         """Event type -> handler; each feature's event types are registered here."""
         postbox = Postbox(self.db, self.mailer.send_to, self.settings)

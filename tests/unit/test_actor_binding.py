@@ -11,7 +11,7 @@ from dramatiq.brokers.stub import StubBroker
 
 from service.actors import ACTORS, send_booking_email
 from service.actors.binding import AppActor, DeferredActor
-from service.app import App
+from service.app import App, part
 from service.config import load_settings
 from service.emails.models import InvalidPayload
 
@@ -27,14 +27,9 @@ ENV = {
 class StubApp(App):
     """An App whose broker is Dramatiq's in-memory StubBroker with the service's middleware."""
 
-    @property  # type: ignore[override]
+    @part
     def broker(self) -> dramatiq.Broker:
-        broker = self.__dict__.get("_stub")
-        if broker is None:
-            broker = self.__dict__["_stub"] = StubBroker(
-                middleware=App.broker.func(self).middleware
-            )
-        return broker
+        return StubBroker(middleware=App.broker.build(self).middleware)
 
 
 @pytest.fixture
