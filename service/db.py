@@ -51,6 +51,17 @@ def map_error(error: BaseException) -> TransientError | None:
     return None
 
 
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    try:
+        yield
+    except (psycopg.Error, TimeoutError) as error:
+        mapped = map_error(error)
+        if mapped is None:
+            raise
+        raise mapped from error
+
+
 class Database:
     """One pool per process: a forked child opens its own instead of sharing the parent's
     sockets. Nothing connects until the first transaction."""
@@ -82,26 +93,14 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Conn]:
         """A connection inside one transaction: committed on success, rolled back on error."""
-        try:
-            with self.pool().connection() as conn, conn.transaction():
-                yield conn
-        except (psycopg.Error, TimeoutError) as error:
-            mapped = map_error(error)
-            if mapped is None:
-                raise
-            raise mapped from error
+        with _mapped_errors(), self.pool().connection() as conn, conn.transaction():
+            yield conn
 
     @contextmanager
     def connection(self) -> Iterator[Conn]:
         """A pooled connection without an enclosing transaction (the caller commits)."""
-        try:
-            with self.pool().connection() as conn:
-                yield conn
-        except (psycopg.Error, TimeoutError) as error:
-            mapped = map_error(error)
-            if mapped is None:
-                raise
-            raise mapped from error
+        with _mapped_errors(), self.pool().connection() as conn:
+            yield conn
 
     def close(self) -> None:
         with self._lock:

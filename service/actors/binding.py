@@ -50,7 +50,12 @@ class DeferredActor:
         self._lock = threading.Lock()
 
     def bind(self, app: App) -> AppActor:
-        """Declare this actor on ``app.broker``, its function receiving ``app``."""
+        """Declare this actor on ``app.broker``, its function receiving ``app`` (binding to an
+        App again reuses the actor already declared on its broker)."""
+        declared = app.broker.actors.get(self.actor_name)
+        if isinstance(declared, AppActor) and declared.app is app:
+            self._bound = declared
+            return declared
         actor = self.actor_class(
             partial(self.handler, app),
             broker=app.broker,
