@@ -29,7 +29,7 @@ system-deps:
 	@scripts/install-system-deps.sh
 
 demo: $(STAMP) system-deps
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python -m scripts.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

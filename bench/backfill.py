@@ -23,6 +23,7 @@ from bench.common import (
     save_png,
     say,
     servers,
+    service_app,
     verdict,
     write_json,
 )
@@ -135,18 +136,17 @@ def run(quick: bool = False) -> dict[str, Any]:
             f"backfill benchmark: service.capacity.backfill is not available ({error}); "
             "no figures were measured"
         ) from None
-    import os
     import time
 
     with servers(postgres=True, redis=False, smtp=False) as found:
-        os.environ["LOG_LEVEL"] = "WARNING"
+        app = found.stack.enter_context(service_app(found.env))
         say(f"seeding {count:,} active holds with incomplete metadata")
         seed(found.database_url, count)
         import psycopg
 
         say("running the backfill")
         t0 = time.perf_counter()
-        summary = run_backfill()
+        summary = run_backfill(app.db)
         wall = time.perf_counter() - t0
         with psycopg.connect(found.database_url) as conn:
             left = conn.execute(

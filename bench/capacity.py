@@ -29,6 +29,7 @@ from bench.common import (
     save_png,
     say,
     servers,
+    service_app,
     verdict,
     write_json,
 )
@@ -82,23 +83,24 @@ def _slot(rng: random.Random, base: datetime) -> datetime:
     )
 
 
-def _round(database_url: str, quick: bool, seed: int) -> dict[str, Any]:
+def _round(app: Any, database_url: str, quick: bool, seed: int) -> dict[str, Any]:
     """One round on a fresh venue: holds and confirmations (half of them drifting), then quotes."""
     import psycopg
 
     from harness.factories import insert_booking, insert_venue
+    from service.actors.capacity import capacity_service
     from service.capacity import repository as repo
     from service.capacity.confirm import confirm_with_policy_retry, create_hold
     from service.capacity.errors import CapacityError
     from service.capacity.quoting import quote
-    from service.db import transaction
 
+    cap = capacity_service(app)
     samples = 100 if quick else 400
     quotes = 500 if quick else 3000
     rng = random.Random(seed)
     with psycopg.connect(database_url, autocommit=True) as setup:
         venue = insert_venue(setup, name="Bench Brasserie")
-    with transaction() as tx:
+    with app.db.transaction() as tx:
         repo.save_policy(tx, venue, build_policy(venue))
     base = datetime.now(UTC)
     timings: dict[str, list[float]] = {"hold": [], "confirm": [], "confirm_drift": []}
@@ -113,23 +115,23 @@ def _round(database_url: str, quick: bool, seed: int) -> dict[str, Any]:
             )
             t0 = time.perf_counter()
             try:
-                hold = create_hold(booking)
+                hold = create_hold(cap, booking)
             except Exception as error:  # no availability at that slot: count and move on
                 outcomes[type(error).__name__] = outcomes.get(type(error).__name__, 0) + 1
                 continue
             timings["hold"].append(time.perf_counter() - t0)
             if drift:  # the venue edits its floor plan between hold and confirm: a new version
                 buffer = (buffer + 1) % 30
-                with transaction() as tx:
+                with app.db.transaction() as tx:
                     repo.save_policy(tx, venue, build_policy(venue, buffer))
             t0 = time.perf_counter()
-            confirmed = confirm_with_policy_retry(booking, hold.id)
+            confirmed = confirm_with_policy_retry(cap, booking, hold.id)
             timings["confirm_drift" if drift else "confirm"].append(time.perf_counter() - t0)
             outcomes[confirmed.outcome] = outcomes.get(confirmed.outcome, 0) + 1
             if drift:
                 cycles.append(confirmed.cycles)
 
-    with transaction() as reader:
+    with app.db.transaction() as reader:
         revision = repo.current_policy(reader, venue)
         assert revision is not None
         policy = revision.policy
@@ -161,10 +163,9 @@ def _round(database_url: str, quick: bool, seed: int) -> dict[str, Any]:
 def run(quick: bool = False) -> dict[str, Any]:
     rounds = 1 if quick else 3
     with servers(postgres=True, redis=True, smtp=False) as found:
-        import os
-
-        os.environ["LOG_LEVEL"] = "ERROR"  # the drift warnings would flood the output
-        measured = [_round(found.database_url, quick, seed=8 + r) for r in range(rounds)]
+        # LOG_LEVEL=ERROR: the drift warnings would flood the output.
+        app = found.stack.enter_context(service_app({**found.env, "LOG_LEVEL": "ERROR"}))
+        measured = [_round(app, found.database_url, quick, seed=8 + r) for r in range(rounds)]
     say(f"confirm outcomes per round: {[m['outcomes'] for m in measured]}")
 
     def stats(key: str) -> dict[str, Any]:

@@ -32,7 +32,6 @@ import json
 import os
 import random
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -47,14 +46,14 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from harness.factories import insert_booking, insert_venue
+from harness.servers import PostgresServer, RedisServer, SmtpSink
+from harness.workers import WorkerGroup
+from service.actors import ACTORS
+from service.app import App
+from service.worker import bind
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from harness.factories import insert_booking, insert_venue  # noqa: E402
-from harness.servers import PostgresServer, RedisServer, SmtpSink  # noqa: E402
-from harness.workers import WorkerGroup  # noqa: E402
-
 RESULTS = ROOT / "bench" / "results"
 QUEUE = "pending-booking-emails"
 STATUS_MIX = ("pending", "confirmed", "confirmed", "cancelled")
@@ -180,26 +179,31 @@ class Run:
         stack.callback(self.sink.destroy)
         self.work = Path(tempfile.mkdtemp(prefix="booking-chaos-"))
         self.database_url = self.pg.create_database("booking_chaos")
-        os.environ.update(
-            DATABASE_URL=self.database_url,
-            BROKER_URL=self.redis.url,
-            SMTP_URL=self.sink.url,
-            EMAIL_FROM="Chaos Bistro <bookings@chaos.example>",
-            LOG_LEVEL="WARNING",
-            LOG_FORMAT="json",
-            FLAG_CACHE_DIR=str(self.work / "flags"),
-            HEALTH_FILE=str(self.work / "health"),
-            EMAIL_MIN_BACKOFF_MS=str(config.min_backoff_ms),
-            EMAIL_MAX_BACKOFF_MS=str(config.max_backoff_ms),
-            EMAIL_MAX_RETRIES=str(config.max_retries),
-            REDIS_HEARTBEAT_TIMEOUT_MS=str(config.heartbeat_timeout_ms),
-            REDIS_MAINTENANCE_INTERVAL_SECONDS=str(config.maintenance_interval),
-            RECONCILE_GRACE_SECONDS=str(config.reconcile_grace),
-            METRICS_PORT="0",
-        )
+        # The producer's App and the worker pods are built from these; os.environ is left alone.
+        self.env = {
+            **os.environ,
+            "DATABASE_URL": self.database_url,
+            "BROKER_URL": self.redis.url,
+            "SMTP_URL": self.sink.url,
+            "EMAIL_FROM": "Chaos Bistro <bookings@chaos.example>",
+            "LOG_LEVEL": "WARNING",
+            "LOG_FORMAT": "json",
+            "FLAG_CACHE_DIR": str(self.work / "flags"),
+            "HEALTH_FILE": str(self.work / "health"),
+            "EMAIL_MIN_BACKOFF_MS": str(config.min_backoff_ms),
+            "EMAIL_MAX_BACKOFF_MS": str(config.max_backoff_ms),
+            "EMAIL_MAX_RETRIES": str(config.max_retries),
+            "REDIS_HEARTBEAT_TIMEOUT_MS": str(config.heartbeat_timeout_ms),
+            "REDIS_MAINTENANCE_INTERVAL_SECONDS": str(config.maintenance_interval),
+            "RECONCILE_GRACE_SECONDS": str(config.reconcile_grace),
+            "METRICS_PORT": "0",
+        }
         from service.db import migrate
 
         migrate(self.database_url)
+        self.app = App.for_worker(self.env)
+        bind(self.app)
+        stack.callback(self._close_app)
         self.conn = self._connect()
         self.venue = insert_venue(self.conn, name="Chaos Bistro")
         self.expected: dict[tuple[str, str], float] = {}
@@ -220,9 +224,14 @@ class Run:
             self.database_url, autocommit=True, row_factory=dict_row, connect_timeout=3
         )
 
+    def _close_app(self) -> None:
+        for actor in ACTORS:
+            actor.unbind()
+        self.app.close()
+
     def _new_group(self) -> WorkerGroup:
         return WorkerGroup(
-            dict(os.environ),
+            dict(self.env),
             processes=self.config.processes,
             threads=self.config.threads,
             log_path=self.worker_log,
@@ -293,12 +302,17 @@ class Run:
 
     def reconciler(self) -> None:
         """``reconcile`` every few seconds, as the CronJob runs it; failures wait for the next run."""
+        from service.actors.emails import send_booking_email
+        from service.emails.models import EmailPayload
         from service.emails.reconcile import reconcile
+
+        def enqueue(payload: EmailPayload) -> None:
+            send_booking_email.send(**payload.as_kwargs())
 
         grace = timedelta(seconds=self.config.reconcile_grace)
         while not self.stop.wait(self.config.reconcile_every):
             try:
-                report = reconcile(grace=grace)
+                report = reconcile(self.app.db, self.app.settings, enqueue, grace=grace)
             except Exception as error:
                 self.reconciler_stats[f"run failed ({type(error).__name__})"] += 1
                 continue

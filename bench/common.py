@@ -1,7 +1,9 @@
 """Shared pieces of the benchmarks: throwaway servers, service environment, statistics, output.
 
 Every benchmark writes ``bench/results/<name>.json`` and ``<name>.png`` and returns a
-markdown section that ``python -m bench`` gathers into ``bench/results/summary.md``.
+markdown section that ``python -m bench`` gathers into ``bench/results/summary.md``. The
+service's settings live in ``Servers.env``: the in-process ``App`` (``service_app``) and the
+worker processes are built from it; ``os.environ`` is never changed.
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from harness.servers import PostgresServer, RedisServer, SmtpSink
+from service.actors import ACTORS
+from service.app import App
+from service.logs import configure
+from service.worker import bind
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from harness.servers import PostgresServer, RedisServer, SmtpSink  # noqa: E402
 
 EMAIL_FROM = "Bench Bistro <bookings@bench.example>"
 
@@ -73,14 +77,16 @@ class Servers:
     smtp: SmtpSink | None = None
     database_url: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    """This process's environment with the service's settings for these servers: what
+    ``service_app`` and the worker processes are built from."""
 
 
 @contextmanager
 def servers(
     *, postgres: bool = True, redis: bool = True, smtp: bool = True, smtp_delay: float = 0.0
 ) -> Iterator[Servers]:
-    """Start the requested servers on free loopback ports and point the service's settings at
-    them (``os.environ``); everything is stopped on exit."""
+    """Start the requested servers on free loopback ports, with the service's settings for them
+    in ``env``; everything is stopped on exit."""
     with ExitStack() as stack:
         found = Servers(stack)
         if postgres:
@@ -93,7 +99,8 @@ def servers(
         if smtp:
             found.smtp = SmtpSink.start_new(delay=smtp_delay)
             stack.callback(found.smtp.destroy)
-        env = {
+        found.env = {
+            **os.environ,
             "DATABASE_URL": found.database_url or "postgresql://bench@127.0.0.1:1/unused",
             "BROKER_URL": found.redis.url if found.redis else "redis://127.0.0.1:1/0",
             "SMTP_URL": found.smtp.url if found.smtp else "smtp://127.0.0.1:1",
@@ -101,13 +108,27 @@ def servers(
             "LOG_LEVEL": "WARNING",
             "FLAG_CACHE_DIR": tempfile.mkdtemp(prefix="booking-bench-flags-"),
         }
-        os.environ.update(env)
-        found.env = env
         if postgres:
             from service.db import migrate
 
             migrate(found.database_url)
         yield found
+
+
+@contextmanager
+def service_app(env: Mapping[str, str]) -> Iterator[App]:
+    """A worker-style App for ``env`` with the service's actors bound to it and logging set from
+    its settings; the actors are unbound and the App closed on exit. One at a time: a new
+    setting means a new App."""
+    app = App.for_worker(env)
+    configure(app.settings.log_level, app.settings.log_format)
+    bind(app)
+    try:
+        yield app
+    finally:
+        for actor in ACTORS:
+            actor.unbind()
+        app.close()
 
 
 def machine() -> dict[str, Any]:

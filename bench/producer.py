@@ -9,7 +9,6 @@ baseline sends the same two arguments. Target: at most 1.3x the raw time per cal
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from bench.common import (
     save_png,
     say,
     servers,
+    service_app,
     verdict,
     write_json,
 )
@@ -32,22 +32,23 @@ TARGET_RATIO = 1.3
 TYPES = ("request_received", "confirmed", "updated", "cancelled")
 
 
-def _start_unleash(pg: Any) -> tuple[Any, str]:
-    """A real Unleash with ``email-queue-enabled`` on; (server or None, how flags are evaluated)."""
+def _start_unleash(pg: Any) -> tuple[Any, str, dict[str, str]]:
+    """A real Unleash with ``email-queue-enabled`` on: (server or None, how flags are
+    evaluated, the settings that point the service at it)."""
     try:
         from harness.unleash import UnleashServer
 
         server = UnleashServer.start_new(pg, timeout=180)
     except Exception as error:
         say(f"no Unleash server ({type(error).__name__}); flags come from the environment default")
-        return None, "environment default (Unleash could not be started)"
+        return None, "environment default (Unleash could not be started)", {}
     server.ensure_toggle("email-queue-enabled", True)
-    os.environ.update(
-        UNLEASH_URL=server.url,
-        UNLEASH_API_TOKEN=server.client_token,
-        UNLEASH_ENVIRONMENT="development",
-    )
-    return server, "Unleash SDK, local evaluation against a real Unleash server"
+    settings = {
+        "UNLEASH_URL": server.url,
+        "UNLEASH_API_TOKEN": server.client_token,
+        "UNLEASH_ENVIRONMENT": "development",
+    }
+    return server, "Unleash SDK, local evaluation against a real Unleash server", settings
 
 
 def _timed_batch(call: Callable[[int], Any], n: int) -> float:
@@ -62,18 +63,21 @@ def run(quick: bool = False) -> dict[str, Any]:
     rounds, batch = (7, 300) if quick else (21, 1000)
     with servers(postgres=True, redis=True, smtp=False) as found:
         assert found.pg is not None and found.redis is not None
-        unleash, flag_source = _start_unleash(found.pg)
+        unleash, flag_source, flag_settings = _start_unleash(found.pg)
         if unleash is not None:
             found.stack.callback(unleash.destroy)
         import redis
 
-        from bench.raw_actors import noop
-        from service import flags
+        from bench.stock_actors import declare, stock_broker
         from service.actors.emails import send_booking_email
         from service.emails.models import EmailPayload
-        from service.flags.client import get_client
 
-        client = get_client()
+        app = found.stack.enter_context(service_app({**found.env, **flag_settings}))
+        flags = app.flags
+        stock = declare(stock_broker(found.redis.url))
+        found.stack.callback(stock.broker.close)
+        noop = stock.noop
+        client = flags.holder.get()
         if client is not None and not client.wait_ready(60):
             raise RuntimeError("the Unleash client did not sync within 60 s")
         statuses, _ = flags.status()
@@ -136,7 +140,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         send_booking_email.send(ids[0], "confirmed")
         enqueued_ok = r.llen("dramatiq:pending-booking-emails") == 1
         if client is not None:
-            flags.shutdown(2.0)
+            flags.stop(2.0)
 
     us = {key: [v * 1e6 for v in values] for key, values in samples.items()}
     ratio = median(ratios)

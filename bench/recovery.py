@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from bench.common import (
     save_png,
     say,
     servers,
+    service_app,
     verdict,
     write_json,
     write_section,
@@ -73,16 +73,18 @@ def run_case(case: str, bound: float) -> dict[str, Any]:
     with servers(
         postgres=ours, redis=broker_kind == "redis", smtp=ours, smtp_delay=BUSY_SECONDS
     ) as found:
+        broker_url = found.env["BROKER_URL"]
         if broker_kind == "rabbitmq":
             from harness.servers import RabbitServer
 
             rabbit = RabbitServer.start_new()
             found.stack.callback(rabbit.stop)
-            os.environ["BROKER_URL"] = rabbit.url
+            broker_url = rabbit.url
         done_dir = Path(tempfile.mkdtemp(prefix="booking-bench-done-"))
         log = Path(tempfile.mkdtemp(prefix="booking-bench-rec-")) / "workers.log"
         env = {
-            **os.environ,
+            **found.env,
+            "BROKER_URL": broker_url,
             "LOG_LEVEL": "WARNING",
             "BENCH_DONE_DIR": str(done_dir),
             "BENCH_SLOW_SECONDS": str(BUSY_SECONDS),
@@ -93,6 +95,7 @@ def run_case(case: str, bound: float) -> dict[str, Any]:
             from harness.factories import insert_booking, insert_venue
             from service.actors.emails import send_booking_email
 
+            found.stack.enter_context(service_app(env))
             with psycopg.connect(found.database_url, autocommit=True) as conn:
                 venue = insert_venue(conn)
                 ids = [insert_booking(conn, venue, status="confirmed") for _ in range(MESSAGES)]
@@ -106,10 +109,12 @@ def run_case(case: str, bound: float) -> dict[str, Any]:
 
             module, queue = None, QUEUE
         else:
-            from bench.raw_actors import SLOW_QUEUE, slow
+            from bench.stock_actors import SLOW_QUEUE, declare, stock_broker
 
+            stock = declare(stock_broker(broker_url))
+            found.stack.callback(stock.broker.close)
             for i in range(MESSAGES):
-                slow.send(i)
+                stock.slow.send(i)
 
             def done() -> int:
                 return sum(1 for _ in done_dir.iterdir())

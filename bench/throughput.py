@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from bench.common import (
     save_png,
     say,
     servers,
+    service_app,
     verdict,
     write_json,
     write_section,
@@ -163,6 +164,8 @@ def eml_count(store: Path) -> int:
 @dataclass
 class Setup:
     found: Any
+    app: Any
+    stock: Any
     processes: int
     threads: int
     bookings: list[str]
@@ -199,7 +202,7 @@ def run_pipeline(s: Setup, timeout: float) -> LoadRun:
     for booking_id in s.bookings:
         send_booking_email.send(booking_id, "confirmed")
     metrics_dir = tempfile.mkdtemp(prefix="booking-bench-prom-")
-    env = {**os.environ, "LOG_LEVEL": "INFO", "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    env = {**found.env, "LOG_LEVEL": "INFO", "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     group = WorkerGroup(
         env, processes=s.processes, threads=s.threads, log_path=s.log_dir / "pipeline-workers.log"
     )
@@ -226,16 +229,16 @@ def run_pipeline(s: Setup, timeout: float) -> LoadRun:
 def run_raw(s: Setup, total: int, timeout: float) -> LoadRun:
     import redis
 
-    from bench.raw_actors import RAW_QUEUE, noop
+    from bench.stock_actors import RAW_QUEUE
     from harness.workers import WorkerGroup
 
     client = redis.Redis.from_url(s.found.redis.url)
     client.flushdb()
     for i in range(total):
-        noop.send(s.bookings[i % len(s.bookings)], "confirmed")
+        s.stock.noop.send(s.bookings[i % len(s.bookings)], "confirmed")
     key = f"dramatiq:{RAW_QUEUE}.msgs"
     group = WorkerGroup(
-        dict(os.environ),
+        dict(s.found.env),
         processes=s.processes,
         threads=s.threads,
         module="bench.raw_actors",
@@ -310,12 +313,13 @@ def phase_profile(s: Setup, count: int) -> dict[str, Any]:
 
     from service.emails import deliveries, pipeline
     from service.emails.models import EmailPayload
-    from service.emails.pipeline import Attempt
+    from service.emails.rules import Attempt
 
     found = s.found
     with psycopg.connect(found.database_url, autocommit=True) as conn:
         conn.execute("TRUNCATE email_deliveries, dead_letters")
     found.smtp.clear()
+    room = s.app.mailroom
     wall: dict[str, float] = {}
     cpu: dict[str, float] = {}
 
@@ -337,7 +341,6 @@ def phase_profile(s: Setup, count: int) -> dict[str, Any]:
             (deliveries, "lock_delivery"),
             (deliveries, "mark"),
             (pipeline, "render"),
-            (pipeline, "send_message"),
         )
     }
     labels = {
@@ -345,18 +348,19 @@ def phase_profile(s: Setup, count: int) -> dict[str, Any]:
         "lock_delivery": "DB: insert + lock idempotency row (2 queries)",
         "mark": "DB: record sent (1 query)",
         "render": "render (Jinja text + HTML, iCalendar, MIME)",
-        "send_message": "SMTP: serialise + send over the reused connection",
     }
+    smtp_label = "SMTP: serialise + send over the reused connection"
     payloads = [EmailPayload.from_call((b, "confirmed"), None) for b in s.bookings[:count]]
     warm = 20
     for p in payloads[:warm]:
-        pipeline.deliver(p, Attempt(1, False))
+        pipeline.deliver(room, p, Attempt(1, False))
+    timed_room = replace(room, send=timed(smtp_label, room.send))
     try:
         for (module, attr), fn in originals.items():
             setattr(module, attr, timed(labels[attr], fn))
         w0, c0 = time.perf_counter(), time.thread_time()
         for p in payloads[warm:]:
-            pipeline.deliver(p, Attempt(1, False))
+            pipeline.deliver(timed_room, p, Attempt(1, False))
         total_wall, total_cpu = time.perf_counter() - w0, time.thread_time() - c0
     finally:
         for (module, attr), fn in originals.items():
@@ -387,16 +391,15 @@ def _flatten_cost(s: Setup, count: int) -> float:
     import uuid
     from email.generator import BytesGenerator
 
-    from service.db import transaction
     from service.emails import deliveries
     from service.emails.models import utcnow
     from service.emails.render import render
     from service.emails.rules import EmailType
 
-    with transaction() as conn:
+    with s.app.db.transaction() as conn:
         booking = deliveries.load_booking(conn, uuid.UUID(s.bookings[0]))
     assert booking is not None
-    msg = render(booking, EmailType.CONFIRMED, os.environ["EMAIL_FROM"], utcnow())
+    msg = render(booking, EmailType.CONFIRMED, s.app.settings.sender, utcnow())
     c0 = time.thread_time()
     for _ in range(count):
         BytesGenerator(io.BytesIO()).flatten(msg, linesep="\r\n")
@@ -410,15 +413,16 @@ def pyinstrument_profile(s: Setup, count: int) -> str:
 
     from service.emails import pipeline
     from service.emails.models import EmailPayload
-    from service.emails.pipeline import Attempt
+    from service.emails.rules import Attempt
 
     with psycopg.connect(s.found.database_url, autocommit=True) as conn:
         conn.execute("TRUNCATE email_deliveries, dead_letters")
     payloads = [EmailPayload.from_call((b, "confirmed"), None) for b in s.bookings[:count]]
+    room = s.app.mailroom
     profiler = Profiler(interval=0.0005)
     profiler.start()
     for p in payloads:
-        pipeline.deliver(p, Attempt(1, False))
+        pipeline.deliver(room, p, Attempt(1, False))
     profiler.stop()
     text = str(profiler.output_text(unicode=False, color=False, show_all=False))
     text = text.replace(f"{ROOT}/", "")  # paths relative to the repository
@@ -440,20 +444,19 @@ def _seed(database_url: str, count: int) -> list[str]:
             return [str(insert_booking(conn, venue, status="confirmed")) for _ in range(count)]
 
 
-def _message_file(database_url: str, booking_id: str, directory: Path) -> Path:
+def _message_file(app: Any, booking_id: str, directory: Path) -> Path:
     """One booking email rendered exactly as the pipeline renders it, as bytes."""
     import uuid
 
-    from service.db import transaction
     from service.emails import deliveries
     from service.emails.models import utcnow
     from service.emails.render import render
     from service.emails.rules import EmailType
 
-    with transaction() as conn:
+    with app.db.transaction() as conn:
         booking = deliveries.load_booking(conn, uuid.UUID(booking_id))
     assert booking is not None
-    msg = render(booking, EmailType.CONFIRMED, os.environ["EMAIL_FROM"], utcnow())
+    msg = render(booking, EmailType.CONFIRMED, app.settings.sender, utcnow())
     path = directory / "message.eml"
     path.write_bytes(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))  # as smtplib sends it
     return path
@@ -465,15 +468,23 @@ def run(quick: bool = False, processes: int = 2, threads: int = 8) -> dict[str, 
     n_raw = 5000 if quick else 20000
     timeout = 300.0
     with servers(postgres=True, redis=True, smtp=True, smtp_delay=0.0) as found:
+        from bench.stock_actors import declare, stock_broker
+
+        assert found.redis is not None
+        app = found.stack.enter_context(service_app(found.env))
+        stock = declare(stock_broker(found.redis.url))
+        found.stack.callback(stock.broker.close)
         work = Path(tempfile.mkdtemp(prefix="booking-bench-tp-"))
         say(f"seeding {n_mail} confirmed bookings")
         bookings = _seed(found.database_url, n_mail)
         s = Setup(
             found,
+            app,
+            stock,
             processes,
             threads,
             bookings,
-            _message_file(found.database_url, bookings[0], work),
+            _message_file(app, bookings[0], work),
             work,
         )
         loads: dict[str, Callable[[], LoadRun]] = {

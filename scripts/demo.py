@@ -1,9 +1,12 @@
-"""``make demo``: the whole service end to end on throwaway servers, with a worker killed mid-job.
+"""``make demo`` (``python -m scripts.demo`` from the repository root): the whole service end to
+end on throwaway servers, with a worker killed mid-job.
 
 Starts Postgres, Redis (AOF on), an SMTP sink and Unleash on free loopback ports, migrates,
 seeds a venue and bookings, flips the kill-switch in Unleash, starts real worker processes,
 enqueues every email through ``send_booking_email.send``, kills a worker with ``kill -9`` while
-it sends, restarts it, and prints a summary proving every email arrived once. Everything it started is stopped at the end.
+it sends, restarts it, and prints a summary proving every email arrived once. Everything it
+started is stopped at the end. The demo's settings live in one environment mapping: the
+in-process ``App`` and the worker processes are built from it, and ``os.environ`` is left alone.
 
 When Unleash cannot start, the demo says so loudly, shows the kill-switch through the
 environment default instead and lists the step as not shown; under ``CI=true`` it fails.
@@ -18,7 +21,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from email import policy
 from pathlib import Path
@@ -27,13 +31,13 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from harness.factories import insert_booking, insert_venue  # noqa: E402
-from harness.servers import PostgresServer, RedisServer, SmtpSink  # noqa: E402
-from harness.unleash import UnleashServer  # noqa: E402
-from harness.workers import WorkerGroup  # noqa: E402
+from harness.factories import insert_booking, insert_venue
+from harness.servers import PostgresServer, RedisServer, SmtpSink
+from harness.unleash import UnleashServer
+from harness.workers import WorkerGroup
+from service.actors import ACTORS
+from service.app import App
+from service.worker import bind
 
 STATUS_MIX = ("pending", "confirmed", "confirmed", "cancelled")
 
@@ -65,6 +69,19 @@ def queue_length(redis_url: str) -> int:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def demo_env(database_url: str, broker_url: str, smtp_url: str) -> dict[str, str]:
+    """The demo's settings over this process's environment (PATH and the like, for the workers)."""
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "BROKER_URL": broker_url,
+        "SMTP_URL": smtp_url,
+        "EMAIL_FROM": "Demo Bistro <bookings@demo.example>",
+        "LOG_LEVEL": "WARNING",
+        "FLAG_CACHE_DIR": tempfile.mkdtemp(prefix="booking-flags-"),
+    }
 
 
 def loud(lines: list[str]) -> None:
@@ -101,109 +118,128 @@ def start_unleash(pg: PostgresServer) -> tuple[UnleashServer | None, str | None]
     return None, first
 
 
+@contextmanager
+def bound_app(env: Mapping[str, str]) -> Iterator[App]:
+    """A worker-style App for ``env`` with every actor bound to it; unbound and closed at the end.
+
+    One App at a time: an actor is declared once per broker, so switching settings means a
+    new App (and broker) rather than binding an earlier one again.
+    """
+    app = App.for_worker(env)
+    bind(app)
+    try:
+        yield app
+    finally:
+        for actor in ACTORS:
+            actor.unbind()
+        app.close()
+
+
 def flag_kill_switch(
-    pg: PostgresServer, sink: SmtpSink, conn: Any, venue: Any, skipped: list[str]
+    pg: PostgresServer,
+    sink: SmtpSink,
+    conn: Any,
+    venue: Any,
+    env: Mapping[str, str],
+    skipped: list[str],
 ) -> list[tuple[Any, str]]:
     """Flip ``email-queue-enabled`` in a real Unleash: on queues, off sends at once.
 
     Without Unleash (noted in ``skipped``), shows the environment default's kill-switch instead.
+    Either way the switch runs in an App of its own, built from ``env`` with the flag settings.
     """
-    from service import flags
     from service.actors.emails import send_booking_email
-    from service.config import reset_settings
 
     unleash, why_not = start_unleash(pg)
     if unleash is None:
         skipped.append(f"Unleash flag flip (Unleash did not start: {why_not})")
         say("showing FEATURE_EMAIL_QUEUE_ENABLED=false instead of an Unleash flip")
-        os.environ["FEATURE_EMAIL_QUEUE_ENABLED"] = "false"
-        reset_settings()
-        booking = insert_booking(conn, venue, status="confirmed")
-        before = sink.count()
-        send_booking_email.send(str(booking), "confirmed")
-        say(
-            f"flag off by environment default: sent at once ({sink.count() - before} email, nothing queued)"
-        )
-        os.environ["FEATURE_EMAIL_QUEUE_ENABLED"] = "true"
-        reset_settings()
+        with bound_app({**env, "FEATURE_EMAIL_QUEUE_ENABLED": "false"}):
+            booking = insert_booking(conn, venue, status="confirmed")
+            before = sink.count()
+            send_booking_email.send(str(booking), "confirmed")
+            say(
+                f"flag off by environment default: sent at once ({sink.count() - before} email, nothing queued)"
+            )
         return [(booking, "confirmed")]
     try:
         unleash.create_toggle("email-queue-enabled", True)
-        os.environ.update(
-            UNLEASH_URL=unleash.url,
-            UNLEASH_API_TOKEN=unleash.client_token,
-            UNLEASH_REFRESH_INTERVAL_SECONDS="1",
-        )
-        flags.shutdown()
-        reset_settings()
-        flags.status(wait=15)
-        redis_url = os.environ["BROKER_URL"]
-        queued, immediate = (
-            insert_booking(conn, venue, status="confirmed"),
-            insert_booking(conn, venue, status="confirmed"),
-        )
-        before = queue_length(redis_url)
-        send_booking_email.send(str(queued), "confirmed")
-        say(
-            f"email-queue-enabled ON in Unleash: send() queued the email ({queue_length(redis_url) - before} new message)"
-        )
-        unleash.set_enabled("email-queue-enabled", False)
-        flipped = time.monotonic()
-        wait_until(lambda: not flags.email_queue_enabled(), 30, "the flag flip")
-        say(f"flipped OFF in Unleash; this process saw it after {time.monotonic() - flipped:.1f} s")
-        sent_before, queued_before = sink.count(), queue_length(redis_url)
-        t = time.perf_counter()
-        send_booking_email.send(str(immediate), "confirmed")
-        say(
-            f"email-queue-enabled OFF: send() delivered at once in {1000 * (time.perf_counter() - t):.0f} ms "
-            f"({sink.count() - sent_before} email at the SMTP server, {queue_length(redis_url) - queued_before} queued)"
-        )
-        unleash.set_enabled("email-queue-enabled", True)
-        wait_until(flags.email_queue_enabled, 30, "the flag flip back")
-        say("flipped back ON: the queue takes the emails again")
+        flag_env = {
+            **env,
+            "UNLEASH_URL": unleash.url,
+            "UNLEASH_API_TOKEN": unleash.client_token,
+            "UNLEASH_REFRESH_INTERVAL_SECONDS": "1",
+        }
+        with bound_app(flag_env) as app:
+            flags = app.flags
+            flags.status(wait=15)
+            redis_url = env["BROKER_URL"]
+            queued, immediate = (
+                insert_booking(conn, venue, status="confirmed"),
+                insert_booking(conn, venue, status="confirmed"),
+            )
+            before = queue_length(redis_url)
+            send_booking_email.send(str(queued), "confirmed")
+            say(
+                f"email-queue-enabled ON in Unleash: send() queued the email ({queue_length(redis_url) - before} new message)"
+            )
+            unleash.set_enabled("email-queue-enabled", False)
+            flipped = time.monotonic()
+            wait_until(lambda: not flags.email_queue_enabled(), 30, "the flag flip")
+            say(
+                f"flipped OFF in Unleash; this process saw it after {time.monotonic() - flipped:.1f} s"
+            )
+            sent_before, queued_before = sink.count(), queue_length(redis_url)
+            t = time.perf_counter()
+            send_booking_email.send(str(immediate), "confirmed")
+            say(
+                f"email-queue-enabled OFF: send() delivered at once in {1000 * (time.perf_counter() - t):.0f} ms "
+                f"({sink.count() - sent_before} email at the SMTP server, {queue_length(redis_url) - queued_before} queued)"
+            )
+            unleash.set_enabled("email-queue-enabled", True)
+            wait_until(flags.email_queue_enabled, 30, "the flag flip back")
+            say("flipped back ON: the queue takes the emails again")
+            flags.stop(wait=3)
         return [(queued, "confirmed"), (immediate, "confirmed")]
     finally:
-        flags.shutdown(wait=3)
-        for key in ("UNLEASH_URL", "UNLEASH_API_TOKEN", "UNLEASH_REFRESH_INTERVAL_SECONDS"):
-            os.environ.pop(key, None)
-        reset_settings()
         unleash.destroy()
 
 
-def capacity_drift(sink: SmtpSink) -> None:
+def capacity_drift(app: App, sink: SmtpSink) -> None:
     """A floor-plan edit between hold and confirm: one confirmation recovers, one escalates."""
     from datetime import time as clock
 
+    from service.actors.capacity import capacity_service
     from service.capacity import repository as repo
     from service.capacity.confirm import confirm_with_policy_retry, create_hold
     from service.capacity.policy import CapacityPolicy, ServicePeriod, Table, TurnTime, Zone
-    from service.db import transaction
     from service.outbox.relay import Relay
 
-    with transaction() as conn:
+    cap = capacity_service(app)
+    with app.db.transaction() as conn:
         venue = insert_venue(
             conn, name="Le Drift", timezone="UTC", admin_emails=["floor.manager@venue.example"]
         )
     policy = CapacityPolicy(
         venue_id=str(venue),
         timezone="UTC",
-        zones=[Zone(id="main", name="Main room")],
-        tables=[
+        zones=(Zone(id="main", name="Main room"),),
+        tables=tuple(
             Table(id=t, zone_id="main", capacity=c, min_party=1, max_party=c, status="active")
             for t, c in (("t1", 2), ("t2", 4), ("t3", 4), ("t4", 2))
-        ],
-        adjacency=[("t2", "t3")],
-        service_periods=[
+        ),
+        adjacency=(("t2", "t3"),),
+        service_periods=(
             ServicePeriod(
-                name="all day", weekdays=list(range(7)), start=clock(0), end=clock(23, 59)
-            )
-        ],
-        turn_times=[TurnTime(max_party=2, minutes=90), TurnTime(max_party=20, minutes=120)],
+                name="all day", weekdays=tuple(range(7)), start=clock(0), end=clock(23, 59)
+            ),
+        ),
+        turn_times=(TurnTime(max_party=2, minutes=90), TurnTime(max_party=20, minutes=120)),
         buffer_minutes=15,
     )
 
     def save(p: CapacityPolicy) -> CapacityPolicy:
-        with transaction() as c:
+        with app.db.transaction() as c:
             repo.save_policy(c, venue, p)
         return p
 
@@ -211,10 +247,10 @@ def capacity_drift(sink: SmtpSink) -> None:
     start = (datetime.now(UTC) + timedelta(days=2)).replace(
         hour=19, minute=0, second=0, microsecond=0
     )
-    with transaction() as conn:
+    with app.db.transaction() as conn:
         couple = insert_booking(conn, venue, party_size=2, starts_at=start)
         party = insert_booking(conn, venue, party_size=8, starts_at=start)
-    hold_couple, hold_party = create_hold(couple), create_hold(party)
+    hold_couple, hold_party = create_hold(cap, couple), create_hold(cap, party)
     say(f"held table(s) {list(hold_couple.table_ids)} for 2 and {list(hold_party.table_ids)} for 8")
     tables = [
         t.model_copy(update={"status": "out_of_service"}) if t.id == "t1" else t
@@ -222,7 +258,7 @@ def capacity_drift(sink: SmtpSink) -> None:
     ]
     policy = save(policy.model_copy(update={"tables": tuple(tables)}))
     say("the venue takes t1 out of service before the couple's confirmation (policy drift)")
-    result = confirm_with_policy_retry(couple, hold_couple.id)
+    result = confirm_with_policy_retry(cap, couple, hold_couple.id)
     confirmed = result.confirmation.table_ids if result.confirmation else ()
     say(
         f"couple: {result.outcome} after {result.cycles} re-quote cycle(s), confirmed on {list(confirmed)}"
@@ -234,11 +270,11 @@ def capacity_drift(sink: SmtpSink) -> None:
     )
     save(policy.model_copy(update={"adjacency": ()}))
     say("the venue separates t2 and t3 before the party of 8 confirms: no table set fits any more")
-    escalated = confirm_with_policy_retry(party, hold_party.id)
+    escalated = confirm_with_policy_retry(cap, party, hold_party.id)
     code = escalated.error.code if escalated.error else "-"
     say(f"party of 8: {escalated.outcome} ({code}); booking marked needs_attention")
     before = sink.count()
-    delivered = Relay().run_once()
+    delivered = Relay(app.db, app.settings, app.outbox_handlers).run_once()
     say(
         f"outbox relay delivered {delivered.delivered} escalation event(s); "
         f"{sink.count() - before} email(s) reached the venue's admins"
@@ -256,19 +292,11 @@ def run(bookings: int, processes: int, threads: int) -> int:
         sink = SmtpSink.start_new(delay=0.05)
         stack.callback(sink.destroy)
         database_url = pg.create_database("booking_demo")
+        from service.db import migrate
         from service.logs import configure
 
         configure("ERROR", "console")
-        os.environ.update(
-            DATABASE_URL=database_url,
-            BROKER_URL=rd.url,
-            SMTP_URL=sink.url,
-            EMAIL_FROM="Demo Bistro <bookings@demo.example>",
-            LOG_LEVEL="WARNING",
-            FLAG_CACHE_DIR=tempfile.mkdtemp(prefix="booking-flags-"),
-        )
-        from service.db import migrate
-
+        env = demo_env(database_url, rd.url, sink.url)
         say(f"migrated: {', '.join(migrate(database_url))}")
         with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
             venue = insert_venue(conn, name="Demo Bistro")
@@ -288,8 +316,9 @@ def run(bookings: int, processes: int, threads: int) -> int:
 
             expected = {(b, EXPECTED_FOR_STATUS[BookingStatus(s)].value) for b, s in seeded}
             say(f"seeded 1 venue and {bookings} bookings")
-            expected |= set(flag_kill_switch(pg, sink, conn, venue, skipped))
+            expected |= set(flag_kill_switch(pg, sink, conn, venue, env, skipped))
 
+        app = stack.enter_context(bound_app(env))
         from service.actors.emails import send_booking_email
 
         started = time.perf_counter()
@@ -303,7 +332,6 @@ def run(bookings: int, processes: int, threads: int) -> int:
             f"({len(seeded) / produce_seconds:,.0f} sends/s)"
         )
 
-        env = dict(os.environ)
         log = Path(tempfile.mkdtemp(prefix="booking-demo-")) / "worker.log"
         say(f"starting {processes} worker processes x {threads} threads (log: {log})")
         t0 = time.perf_counter()
@@ -326,7 +354,7 @@ def run(bookings: int, processes: int, threads: int) -> int:
             states = Counter(r["state"] for r in conn.execute("SELECT state FROM email_deliveries"))
             dead = conn.execute("SELECT count(*) AS n FROM dead_letters").fetchone()["n"]  # type: ignore[index]
         print()
-        capacity_drift(sink)
+        capacity_drift(app, sink)
         group.stop()
         duplicates = sum(n - 1 for n in ids.values() if n > 1)
         lost = len(expected) - len(ids)

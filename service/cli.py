@@ -136,15 +136,17 @@ def demo(
     threads: int = typer.Option(4, min=1, help="Threads per worker process."),
 ) -> None:
     """Run the end-to-end demo on throwaway servers (from a source checkout; same as `make demo`)."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "demo.py"
-    if not script.exists():
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "scripts" / "demo.py").exists() or not (root / "harness").is_dir():
         typer.echo(
-            "error: the demo runs from a source checkout (scripts/demo.py is not here)", err=True
+            "error: the demo runs from a source checkout (scripts/demo.py and harness/ are not here)",
+            err=True,
         )
         raise typer.Exit(2)
     args = [
         sys.executable,
-        str(script),
+        "-m",
+        "scripts.demo",
         "--bookings",
         str(bookings),
         "--processes",
@@ -152,6 +154,7 @@ def demo(
         "--threads",
         str(threads),
     ]
+    os.chdir(root)
     os.execv(sys.executable, args)
 
 
