@@ -1021,6 +1021,20 @@ def test_schema_rejects_bad_values(
     assert complaint in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        ("bookings@example.com", True),
+        ("Bookings <bookings@example.com>", True),
+        ("bookings at example.com", False),
+        ("Bookings <bookings>", False),
+    ],
+)
+def test_email_from_accepts_what_the_service_accepts(helm: str, value: str, accepted: bool) -> None:
+    result = helm_template_text(helm, set_strings={"config.emailFrom": value})
+    assert (result.returncode == 0) is accepted, result.stderr
+
+
 def test_schema_file_is_strict_at_the_top_level() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert schema["additionalProperties"] is False
