@@ -293,18 +293,28 @@ class Run:
 
     def reconciler(self) -> None:
         """``reconcile`` every few seconds, as the CronJob runs it; failures wait for the next run."""
+        from service.actors.emails import send_booking_email
+        from service.app import App
+        from service.emails.models import EmailPayload
         from service.emails.reconcile import reconcile
 
+        def enqueue(payload: EmailPayload) -> None:
+            send_booking_email.send(**payload.as_kwargs())
+
+        app = App.for_cli()
         grace = timedelta(seconds=self.config.reconcile_grace)
-        while not self.stop.wait(self.config.reconcile_every):
-            try:
-                report = reconcile(grace=grace)
-            except Exception as error:
-                self.reconciler_stats[f"run failed ({type(error).__name__})"] += 1
-                continue
-            self.reconciler_stats["runs"] += 1
-            self.reconciler_stats["re-enqueued: no delivery record"] += len(report.missing)
-            self.reconciler_stats["re-enqueued: stuck pending/retrying"] += len(report.stuck)
+        try:
+            while not self.stop.wait(self.config.reconcile_every):
+                try:
+                    report = reconcile(app.db, app.settings, enqueue, grace=grace)
+                except Exception as error:
+                    self.reconciler_stats[f"run failed ({type(error).__name__})"] += 1
+                    continue
+                self.reconciler_stats["runs"] += 1
+                self.reconciler_stats["re-enqueued: no delivery record"] += len(report.missing)
+                self.reconciler_stats["re-enqueued: stuck pending/retrying"] += len(report.stuck)
+        finally:
+            app.close()
 
     def supervisor(self) -> None:
         """Restart the worker group whenever its parent exits (Kubernetes restarting the pod)."""
