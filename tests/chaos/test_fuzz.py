@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
+from service.app import App
 from service.capacity.holds import MetadataProblem, build_hold_metadata, validate_hold_metadata
 from service.capacity.policy import CapacityPolicy
 from service.capacity.quoting import quote
@@ -151,20 +153,24 @@ class _RecordingBroker:
 
 
 @pytest.fixture
-def actor_fn(service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The actor's function with delivery and the broker stubbed: only its decoding is under test."""
+def actor_fn(app: App, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The actor's function with delivery and the broker stubbed: only its decoding is under test.
+
+    The stubs are undone before the App closes its real broker.
+    """
     from service.actors import emails
-    from service.emails.pipeline import Outcome
+    from service.emails.rules import Action
 
     delivered: list[EmailPayload] = []
 
-    def fake_timed(payload: EmailPayload, attempt: Any) -> Outcome:
+    def fake_deliver(room: Any, payload: EmailPayload, attempt: Any) -> Action:
         delivered.append(payload)
-        return Outcome.SKIPPED
+        return Action.SKIP
 
-    monkeypatch.setattr(emails, "_timed", fake_timed)
-    monkeypatch.setattr(emails, "broker", _RecordingBroker())
-    return emails.send_booking_email.fn
+    with monkeypatch.context() as patch:
+        patch.setattr(emails, "deliver", fake_deliver)
+        patch.setattr(app, "broker", _RecordingBroker())
+        yield emails.send_booking_email.fn
 
 
 @settings(FUZZ, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from harness.servers import PostgresServer
 from harness.unleash import UnleashServer
-from service import flags
-from service.config import reset_settings
-from service.flags import client as flag_client
+from service.config import load_settings
+from service.flags import Flags
 
 BASE_ENV = {
     "DATABASE_URL": "postgresql://flags@127.0.0.1:1/unused",
@@ -34,18 +33,43 @@ FLAG_VARS = (
 THREAD_JOIN_TIMEOUT = 15.0
 
 
+class FlagsMade:
+    """Every ``Flags`` a test builds (or hands over), stopped and waited for when it ends."""
+
+    def __init__(self) -> None:
+        self._made: list[Flags] = []
+
+    def __call__(self, env: Mapping[str, str], **changes: str) -> Flags:
+        """The flags of a process whose environment is ``env`` changed by ``changes``."""
+        return self.track(Flags(load_settings({**env, **changes})))
+
+    def track(self, made: Flags) -> Flags:
+        self._made.append(made)
+        return made
+
+    def stop_all(self, timeout: float) -> list[str]:
+        """Stop every client; the names of their threads still alive after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        for made in self._made:
+            made.stop()
+        alive: list[str] = []
+        for made in self._made:
+            alive += made.holder.join_stopped(max(0.0, deadline - time.monotonic()))
+        return alive
+
+
 @pytest.fixture(autouse=True)
-def no_thread_outlives_the_test() -> Iterator[None]:
+def no_thread_outlives_the_test() -> Iterator[FlagsMade]:
     """Every thread a flag test starts has ended when it finishes.
 
     A thread that goes on (an Unleash client's start-up or polling) logs into whatever stream
     the next test captures, or into a closed one ("I/O operation on closed file").
     """
     before = set(threading.enumerate())
-    yield
+    made = FlagsMade()
+    yield made
     deadline = time.monotonic() + THREAD_JOIN_TIMEOUT
-    flags.shutdown()
-    alive = flag_client.join_stopped(THREAD_JOIN_TIMEOUT)
+    alive = made.stop_all(THREAD_JOIN_TIMEOUT)
     started = [t for t in threading.enumerate() if t not in before]
     for thread in started:
         thread.join(max(0.0, deadline - time.monotonic()))
@@ -54,18 +78,21 @@ def no_thread_outlives_the_test() -> Iterator[None]:
 
 
 @pytest.fixture
-def flag_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """Settings for flag tests: no Unleash, a private cache dir; the client is reset around."""
-    flags.shutdown()
+def make_flags(no_thread_outlives_the_test: FlagsMade) -> FlagsMade:
+    """Build a process's ``Flags`` from an environment dict; stopped when the test ends."""
+    return no_thread_outlives_the_test
+
+
+@pytest.fixture
+def flag_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """Settings for flag tests: no Unleash, a private cache dir (also in the environment, for
+    the processes a test starts)."""
     env = {**BASE_ENV, "FLAG_CACHE_DIR": str(tmp_path / "flag-cache")}
     for key in FLAG_VARS:
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    reset_settings()
-    yield env
-    flags.shutdown()
-    reset_settings()
+    return env
 
 
 @pytest.fixture(scope="session")
@@ -94,5 +121,4 @@ def unleash_env(
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    reset_settings()
     return env

@@ -12,8 +12,9 @@ import redis
 from harness.factories import insert_booking, insert_venue
 from harness.servers import RedisServer, SmtpSink, wait_for
 from harness.unleash import UnleashServer
-from service import flags
-from service.config import reset_settings
+from service.app import App
+from tests.current_app import running_app
+from tests.flags.conftest import FlagsMade
 
 pytestmark = pytest.mark.unleash
 
@@ -22,23 +23,23 @@ QUEUE_KEYS = ("dramatiq:pending-booking-emails", "dramatiq:pending-booking-email
 
 
 @pytest.fixture
-def kill_switch_env(
-    service_env: dict[str, str], unleash_server: UnleashServer, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[dict[str, str]]:
+def kill_switch_app(
+    service_env: dict[str, str], unleash_server: UnleashServer, make_flags: FlagsMade
+) -> Iterator[App]:
+    """The service's App for this test's servers and the real Unleash, actors bound."""
     unleash_server.ensure_running()
-    flags.shutdown()
     env = {
         **service_env,
         "UNLEASH_URL": unleash_server.url,
         "UNLEASH_API_TOKEN": unleash_server.client_token,
         "UNLEASH_REFRESH_INTERVAL_SECONDS": "1",
     }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    reset_settings()
-    yield env
-    flags.shutdown()
-    unleash_server.ensure_toggle(EMAIL, True)
+    try:
+        with running_app(env) as app:
+            make_flags.track(app.flags)
+            yield app
+    finally:
+        unleash_server.ensure_toggle(EMAIL, True)
 
 
 def queued(conn: redis.Redis) -> int:
@@ -46,15 +47,17 @@ def queued(conn: redis.Redis) -> int:
 
 
 def test_kill_switch_moves_send_between_queue_and_immediate_delivery(
-    kill_switch_env: dict[str, str],
+    kill_switch_app: App,
+    service_env: dict[str, str],
     unleash_server: UnleashServer,
     redis_server: RedisServer,
     smtp_sink: SmtpSink,
 ) -> None:
     from service.actors.emails import send_booking_email
 
+    flags = kill_switch_app.flags
     conn = redis.Redis.from_url(redis_server.url)
-    db: psycopg.Connection[Any] = psycopg.connect(kill_switch_env["DATABASE_URL"], autocommit=True)
+    db: psycopg.Connection[Any] = psycopg.connect(service_env["DATABASE_URL"], autocommit=True)
     venue = insert_venue(db)
 
     def send() -> str:

@@ -12,11 +12,11 @@ import pytest
 from UnleashClient.cache import FileCache
 
 from harness.servers import free_port
-from service import flags
-from service.config import get_settings, reset_settings
+from service.flags import EMAIL_QUEUE, POLICY_REQUOTE, Flag, Flags, Source
 from service.flags import client as flag_client
 from service.flags.client import QuietSdkErrors
 from service.metrics import FLAG_ENABLED
+from tests.flags.conftest import FlagsMade
 
 APP = "booking-durability-service"
 
@@ -41,49 +41,49 @@ def seed_cache(cache_dir: str, *toggles: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-def unreachable_unleash(flag_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
-    """Point the facade at a loopback port nobody listens on (connection refused at once)."""
-    url = f"http://127.0.0.1:{free_port()}/api"
-    monkeypatch.setenv("UNLEASH_URL", url)
-    monkeypatch.setenv("UNLEASH_REFRESH_INTERVAL_SECONDS", "1")
-    reset_settings()
-    return url
+def unreachable_unleash(flag_env: dict[str, str]) -> dict[str, str]:
+    """``flag_env`` pointed at a loopback port nobody listens on (connection refused at once)."""
+    return {
+        **flag_env,
+        "UNLEASH_URL": f"http://127.0.0.1:{free_port()}/api",
+        "UNLEASH_REFRESH_INTERVAL_SECONDS": "1",
+    }
 
 
 def gauge(name: str) -> float:
     return float(FLAG_ENABLED.labels(flag=name)._value.get())
 
 
-def test_defaults_without_unleash(flag_env: dict[str, str]) -> None:
+def test_defaults_without_unleash(flag_env: dict[str, str], make_flags: FlagsMade) -> None:
+    flags = make_flags(flag_env)
     assert flags.email_queue_enabled() is True
     assert flags.policy_requote_enabled("venue-1") is True
-    assert flag_client.get_client() is None
+    assert flags.holder.get() is None
     rows, state = flags.status()
     assert state is None
     assert {row.flag.name: row.source for row in rows} == {
-        "email-queue-enabled": flags.Source.DEFAULT,
-        "policy-requote-enabled": flags.Source.DEFAULT,
+        "email-queue-enabled": Source.DEFAULT,
+        "policy-requote-enabled": Source.DEFAULT,
     }
 
 
-def test_environment_overrides_defaults(
-    flag_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("FEATURE_EMAIL_QUEUE_ENABLED", "false")
-    monkeypatch.setenv("FEATURE_POLICY_REQUOTE_ENABLED", "0")
-    reset_settings()
-    assert flags.email_queue_enabled() is False
-    assert flags.policy_requote_enabled() is False
+def test_environment_overrides_defaults(flag_env: dict[str, str], make_flags: FlagsMade) -> None:
+    off = make_flags(
+        flag_env, FEATURE_EMAIL_QUEUE_ENABLED="false", FEATURE_POLICY_REQUOTE_ENABLED="0"
+    )
+    assert off.email_queue_enabled() is False
+    assert off.policy_requote_enabled() is False
     assert gauge("email-queue-enabled") == 0
-    monkeypatch.setenv("FEATURE_EMAIL_QUEUE_ENABLED", "true")
-    reset_settings()
-    assert flags.email_queue_enabled() is True
+    on = make_flags(flag_env, FEATURE_EMAIL_QUEUE_ENABLED="true")
+    assert on.email_queue_enabled() is True
     assert gauge("email-queue-enabled") == 1
 
 
-def test_cached_state_is_used_while_unleash_is_unreachable(unreachable_unleash: str) -> None:
-    cache_dir = str(get_settings().flag_cache_dir)
-    seed_cache(cache_dir, toggle("email-queue-enabled", False))
+def test_cached_state_is_used_while_unleash_is_unreachable(
+    unreachable_unleash: dict[str, str], make_flags: FlagsMade
+) -> None:
+    seed_cache(unreachable_unleash["FLAG_CACHE_DIR"], toggle("email-queue-enabled", False))
+    flags = make_flags(unreachable_unleash)
     started = time.perf_counter()
     assert flags.email_queue_enabled() is False
     assert time.perf_counter() - started < 0.5
@@ -91,24 +91,25 @@ def test_cached_state_is_used_while_unleash_is_unreachable(unreachable_unleash: 
     rows, state = flags.status(wait=5)
     assert state is not None and state.loaded_from_cache and not state.fresh
     sources = {row.flag.name: row.source for row in rows}
-    assert sources["email-queue-enabled"] == flags.Source.CACHE
-    assert sources["policy-requote-enabled"] == flags.Source.DEFAULT
+    assert sources["email-queue-enabled"] == Source.CACHE
+    assert sources["policy-requote-enabled"] == Source.DEFAULT
     time.sleep(1.5)
     assert flags.email_queue_enabled() is False, "failed polls must not drop the cached state"
 
 
 def test_env_default_wins_only_for_unknown_toggles(
-    unreachable_unleash: str, monkeypatch: pytest.MonkeyPatch
+    unreachable_unleash: dict[str, str], make_flags: FlagsMade
 ) -> None:
-    monkeypatch.setenv("FEATURE_EMAIL_QUEUE_ENABLED", "false")
-    reset_settings()
-    seed_cache(str(get_settings().flag_cache_dir), toggle("email-queue-enabled", True))
+    seed_cache(unreachable_unleash["FLAG_CACHE_DIR"], toggle("email-queue-enabled", True))
+    flags = make_flags(unreachable_unleash, FEATURE_EMAIL_QUEUE_ENABLED="false")
     assert flags.email_queue_enabled() is True
 
 
-def test_venue_goes_into_the_context(unreachable_unleash: str) -> None:
+def test_venue_goes_into_the_context(
+    unreachable_unleash: dict[str, str], make_flags: FlagsMade
+) -> None:
     seed_cache(
-        str(get_settings().flag_cache_dir),
+        unreachable_unleash["FLAG_CACHE_DIR"],
         toggle(
             "email-queue-enabled",
             True,
@@ -124,6 +125,7 @@ def test_venue_goes_into_the_context(unreachable_unleash: str) -> None:
             "policy-requote-enabled", True, {"name": "userWithId", "parameters": {"userIds": "7"}}
         ),
     )
+    flags = make_flags(unreachable_unleash)
     assert flags.email_queue_enabled("venue-a") is True
     assert flags.email_queue_enabled("venue-b") is False
     assert flags.email_queue_enabled() is False
@@ -131,36 +133,42 @@ def test_venue_goes_into_the_context(unreachable_unleash: str) -> None:
     assert flags.policy_requote_enabled(8) is False
 
 
-def test_venue_stickiness_is_stable(unreachable_unleash: str) -> None:
+def test_venue_stickiness_is_stable(
+    unreachable_unleash: dict[str, str], make_flags: FlagsMade
+) -> None:
     rollout = {
         "name": "flexibleRollout",
         "parameters": {"rollout": "50", "stickiness": "venueId", "groupId": "email-queue-enabled"},
     }
-    seed_cache(str(get_settings().flag_cache_dir), toggle("email-queue-enabled", True, rollout))
+    seed_cache(unreachable_unleash["FLAG_CACHE_DIR"], toggle("email-queue-enabled", True, rollout))
+    flags = make_flags(unreachable_unleash)
     venues = [f"venue-{i}" for i in range(200)]
     first = [flags.email_queue_enabled(v) for v in venues]
     assert first == [flags.email_queue_enabled(v) for v in venues]
     assert 40 < sum(first) < 160, "about half the venues are in a 50 % rollout"
 
 
-def test_evaluation_never_raises(flag_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluation_never_raises(
+    flag_env: dict[str, str], make_flags: FlagsMade, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(*_: object, **__: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setenv("FEATURE_POLICY_REQUOTE_ENABLED", "false")
-    reset_settings()
-    monkeypatch.setattr(flags, "get_client", broken)
+    flags = make_flags(flag_env, FEATURE_POLICY_REQUOTE_ENABLED="false")
+    monkeypatch.setattr(flags.holder, "get", broken)
     assert flags.email_queue_enabled("v") is True
     assert flags.policy_requote_enabled() is False
 
-    monkeypatch.setattr(flags, "get_settings", broken)
-    assert flags.email_queue_enabled() is flags.EMAIL_QUEUE.last_resort
+    monkeypatch.setattr(Flag, "default", broken)
+    assert flags.email_queue_enabled() is EMAIL_QUEUE.last_resort
+    assert flags.policy_requote_enabled() is POLICY_REQUOTE.last_resort
 
 
 def test_a_failing_client_answers_the_default(
-    unreachable_unleash: str, monkeypatch: pytest.MonkeyPatch
+    unreachable_unleash: dict[str, str], make_flags: FlagsMade, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = flag_client.get_client()
+    flags = make_flags(unreachable_unleash)
+    client = flags.holder.get()
     assert client is not None
 
     def broken(*_: object, **__: object) -> bool:
@@ -171,7 +179,7 @@ def test_a_failing_client_answers_the_default(
 
 
 def test_client_construction_failure_is_retried_later(
-    unreachable_unleash: str, monkeypatch: pytest.MonkeyPatch
+    unreachable_unleash: dict[str, str], make_flags: FlagsMade, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
     real = flag_client.FlagClient
@@ -180,61 +188,68 @@ def test_client_construction_failure_is_retried_later(
         calls.append(1)
         raise OSError("disk gone")
 
+    flags = make_flags(unreachable_unleash)
     monkeypatch.setattr(flag_client, "FlagClient", failing)
     assert flags.email_queue_enabled() is True
     assert flags.email_queue_enabled() is True
     assert len(calls) == 1, "no rebuild storm: the next try waits a refresh interval"
     monkeypatch.setattr(flag_client, "FlagClient", real)
-    monkeypatch.setattr(flag_client._slot, "retry_at", 0.0)
+    monkeypatch.setattr(flags.holder._slot, "retry_at", 0.0)
     flags.email_queue_enabled()
-    assert isinstance(flag_client.get_client(), real)
+    assert isinstance(flags.holder.get(), real)
 
 
 def test_unwritable_cache_dir_falls_back_to_memory(
-    unreachable_unleash: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    unreachable_unleash: dict[str, str], make_flags: FlagsMade, tmp_path: Path
 ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setenv("FLAG_CACHE_DIR", str(blocker / "cache"))
-    reset_settings()
+    flags = make_flags(unreachable_unleash, FLAG_CACHE_DIR=str(blocker / "cache"))
     assert flags.email_queue_enabled() is True
-    client = flag_client.get_client()
+    client = flags.holder.get()
     assert client is not None and not client.cache_persistent
 
 
-def test_corrupt_cache_reads_as_empty(unreachable_unleash: str) -> None:
-    cache = FileCache(APP, directory=str(get_settings().flag_cache_dir))
+def test_corrupt_cache_reads_as_empty(
+    unreachable_unleash: dict[str, str], make_flags: FlagsMade
+) -> None:
+    cache = FileCache(APP, directory=unreachable_unleash["FLAG_CACHE_DIR"])
     cache.set("/client/features", "{not json")
+    flags = make_flags(unreachable_unleash)
     assert flags.email_queue_enabled() is True
-    client = flag_client.get_client()
+    client = flags.holder.get()
     assert client is not None and not client.loaded_from_cache
 
 
-def _child_client_identity(queue: Any) -> None:
-    from service.flags import client as child_side
-
-    created = child_side.get_client()
+def _child_client_identity(queue: Any, flags: Flags) -> None:
+    created = flags.holder.get()
     queue.put((id(created), created.pid if created else None))
-    flags.shutdown()
+    flags.stop()
 
 
-def test_a_forked_child_builds_its_own_client(unreachable_unleash: str) -> None:
-    parent = flag_client.get_client()
+def test_a_forked_child_builds_its_own_client(
+    unreachable_unleash: dict[str, str], make_flags: FlagsMade
+) -> None:
+    flags = make_flags(unreachable_unleash)
+    parent = flags.holder.get()
     assert parent is not None
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_child_client_identity, args=(queue,))
+    child = ctx.Process(target=_child_client_identity, args=(queue, flags))
     child.start()
     _, child_pid_seen = queue.get(timeout=20)
     child.join(20)
     assert child_pid_seen == child.pid != parent.pid
-    assert flag_client.get_client() is parent
+    assert flags.holder.get() is parent
 
 
-def test_shutdown_then_next_evaluation_rebuilds(unreachable_unleash: str) -> None:
-    first = flag_client.get_client()
-    flags.shutdown()
-    second = flag_client.get_client()
+def test_shutdown_then_next_evaluation_rebuilds(
+    unreachable_unleash: dict[str, str], make_flags: FlagsMade
+) -> None:
+    flags = make_flags(unreachable_unleash)
+    first = flags.holder.get()
+    flags.stop()
+    second = flags.holder.get()
     assert first is not None and second is not None and first is not second
 
 

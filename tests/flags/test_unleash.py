@@ -19,10 +19,10 @@ import pytest
 
 from harness.servers import RedisServer, free_port, wait_for
 from harness.unleash import UnleashServer
-from service import flags
-from service.config import reset_settings
+from service.flags import Flags, Source
 from service.flags import client as flag_client
 from service.flags.middleware import FlagsMiddleware
+from tests.flags.conftest import FlagsMade
 
 pytestmark = pytest.mark.unleash
 
@@ -37,27 +37,26 @@ def time_until(predicate: Callable[[], bool], timeout: float, what: str) -> floa
     return time.monotonic() - started
 
 
-def ready_client() -> flag_client.FlagClient:
-    client = flag_client.get_client()
+def ready_client(flags: Flags) -> flag_client.FlagClient:
+    client = flags.holder.get()
     assert client is not None
     assert client.wait_ready(15), "the first fetch never completed"
     return client
 
 
-def sources() -> dict[str, flags.Source]:
+def sources(flags: Flags) -> dict[str, Source]:
     rows, _ = flags.status()
     return {row.flag.name: row.source for row in rows}
 
 
 def test_flipping_the_kill_switch_reaches_the_facade_within_the_refresh_interval(
-    unleash_server: UnleashServer, unleash_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    unleash_server: UnleashServer, unleash_env: dict[str, str], make_flags: FlagsMade
 ) -> None:
-    monkeypatch.setenv("FEATURE_EMAIL_QUEUE_ENABLED", "false")
-    reset_settings()
+    flags = make_flags(unleash_env, FEATURE_EMAIL_QUEUE_ENABLED="false")
     unleash_server.ensure_toggle(EMAIL, True)
-    ready_client()
+    ready_client(flags)
     wait_for(flags.email_queue_enabled, 10, "the toggle's on state (env default is off)")
-    assert sources()[EMAIL] == flags.Source.UNLEASH
+    assert sources(flags)[EMAIL] == Source.UNLEASH
 
     unleash_server.set_enabled(EMAIL, False)
     off = time_until(lambda: not flags.email_queue_enabled(), 10, "flag off")
@@ -68,8 +67,9 @@ def test_flipping_the_kill_switch_reaches_the_facade_within_the_refresh_interval
 
 
 def test_per_venue_rollout_through_a_context_constraint(
-    unleash_server: UnleashServer, unleash_env: dict[str, str]
+    unleash_server: UnleashServer, unleash_env: dict[str, str], make_flags: FlagsMade
 ) -> None:
+    flags = make_flags(unleash_env)
     unleash_server.create_context_field("venueId")
     only_venue_a = {
         "name": "flexibleRollout",
@@ -78,7 +78,7 @@ def test_per_venue_rollout_through_a_context_constraint(
     }
     unleash_server.ensure_toggle(REQUOTE, True, strategy=only_venue_a)
     try:
-        ready_client()
+        ready_client(flags)
         wait_for(lambda: not flags.policy_requote_enabled("venue-b"), 10, "venue-b off")
         assert flags.policy_requote_enabled("venue-a") is True
         assert flags.policy_requote_enabled() is False
@@ -87,11 +87,12 @@ def test_per_venue_rollout_through_a_context_constraint(
 
 
 def test_outage_keeps_last_values_also_for_a_new_process(
-    unleash_server: UnleashServer, unleash_env: dict[str, str]
+    unleash_server: UnleashServer, unleash_env: dict[str, str], make_flags: FlagsMade
 ) -> None:
+    flags = make_flags(unleash_env)
     unleash_server.ensure_toggle(EMAIL, False)
     unleash_server.ensure_toggle(REQUOTE, False)
-    ready_client()
+    ready_client(flags)
     wait_for(
         lambda: not flags.email_queue_enabled() and not flags.policy_requote_enabled(),
         10,
@@ -106,12 +107,13 @@ def test_outage_keeps_last_values_also_for_a_new_process(
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         probe = (
             "import time\n"
-            "from service import flags\n"
+            "from service.app import App\n"
+            "flags = App.for_producer().flags\n"
             "t = time.perf_counter()\n"
             "v = flags.email_queue_enabled()\n"
             "took = time.perf_counter() - t\n"
             "print('RESULT', v, flags.policy_requote_enabled(), round(took, 4))\n"
-            "flags.shutdown()\n"
+            "flags.stop()\n"
         )
         done = subprocess.run(
             [sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True
@@ -174,22 +176,23 @@ class HangingServer:
 
 
 @pytest.fixture
-def hanging_unleash(flag_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def hanging_unleash(flag_env: dict[str, str], make_flags: FlagsMade) -> Iterator[dict[str, str]]:
+    """``flag_env`` pointed at a server that accepts connections and never answers."""
     server = HangingServer()
-    monkeypatch.setenv("UNLEASH_URL", server.url)
-    monkeypatch.setenv("UNLEASH_API_TOKEN", "default:development.unused")
-    monkeypatch.setenv("UNLEASH_REQUEST_TIMEOUT_SECONDS", "2")
-    reset_settings()
-    yield server.url
-    flags.shutdown()
+    yield {
+        **flag_env,
+        "UNLEASH_URL": server.url,
+        "UNLEASH_API_TOKEN": "default:development.unused",
+        "UNLEASH_REQUEST_TIMEOUT_SECONDS": "2",
+    }
+    make_flags.stop_all(0.0)
     server.close()
 
 
 def test_a_hanging_unleash_never_slows_the_facade(
-    hanging_unleash: str, monkeypatch: pytest.MonkeyPatch
+    hanging_unleash: dict[str, str], make_flags: FlagsMade
 ) -> None:
-    monkeypatch.setenv("FEATURE_EMAIL_QUEUE_ENABLED", "false")
-    reset_settings()
+    flags = make_flags(hanging_unleash, FEATURE_EMAIL_QUEUE_ENABLED="false")
     started = time.perf_counter()
     first = flags.email_queue_enabled()
     first_latency = time.perf_counter() - started
@@ -204,10 +207,10 @@ def test_a_hanging_unleash_never_slows_the_facade(
     p50 = statistics.median(latencies)
     p99 = latencies[int(len(latencies) * 0.99)]
 
-    client = flag_client.get_client()
+    client = flags.holder.get()
     assert client is not None and not client.state().initialized, "the SDK is still hanging"
     started = time.perf_counter()
-    flags.shutdown()
+    flags.stop()
     shutdown_latency = time.perf_counter() - started
     print(
         f"\nhanging Unleash: first call {first_latency * 1000:.1f} ms, "
@@ -220,13 +223,16 @@ def test_a_hanging_unleash_never_slows_the_facade(
     assert shutdown_latency < 0.05
 
 
-def test_worker_boot_does_not_wait_on_a_hanging_unleash(hanging_unleash: str) -> None:
-    middleware = FlagsMiddleware()
+def test_worker_boot_does_not_wait_on_a_hanging_unleash(
+    hanging_unleash: dict[str, str], make_flags: FlagsMade
+) -> None:
+    middleware = FlagsMiddleware(make_flags(hanging_unleash))
     started = time.perf_counter()
     middleware.after_process_boot(None)  # type: ignore[arg-type]
-    middleware.before_worker_boot(None, None)  # type: ignore[arg-type]
+    middleware.after_worker_boot(None, None)  # type: ignore[arg-type]
     boot = time.perf_counter() - started
     started = time.perf_counter()
+    middleware.before_worker_shutdown(None, None)  # type: ignore[arg-type]
     middleware.after_worker_shutdown(None, None)  # type: ignore[arg-type]
     stop = time.perf_counter() - started
     print(f"\nhanging Unleash: middleware boot {boot * 1000:.1f} ms, shutdown {stop * 1000:.1f} ms")
@@ -268,7 +274,7 @@ def test_every_worker_process_sees_a_flip(
         "PYTHONPATH": str(REPO),
     }
     workers = subprocess.Popen(
-        [sys.executable, "-m", "dramatiq", "tests.flags.worker_app", "-p", "2", "-t", "1"],
+        [sys.executable, "-m", "dramatiq", "tests.flags.worker_app:start", "-p", "2", "-t", "1"],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,

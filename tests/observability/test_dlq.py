@@ -236,9 +236,8 @@ def test_dlq_on_rabbitmq(
 
     code = (
         "import sys; from service.actors.emails import send_booking_email\n"
-        "from service.broker import broker\n"
         "for b in sys.argv[1:]: send_booking_email.send(b, 'confirmed')\n"
-        "broker.close()\n"
+        "send_booking_email.broker.close()\n"
     )
     produced = subprocess.run(
         [sys.executable, "-c", code, *map(str, [*bookings, keep])],

@@ -17,7 +17,7 @@ from harness.servers import free_port
 from harness.workers import ROOT, WorkerGroup
 from tests.emails.conftest import eventually
 
-MODULE = "tests.observability.sleepy_actors"
+MODULE = "tests.observability.sleepy_actors:start"
 
 
 @pytest.fixture
