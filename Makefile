@@ -40,8 +40,9 @@ lint: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest
 
+# The unit tests alone: no server, a few seconds.
 unit: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not unleash and not rabbitmq"
+	$(BIN)/python -m pytest tests/unit
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench

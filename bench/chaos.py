@@ -19,7 +19,7 @@ copies beyond the first; each duplicate is matched to the disruption that caused
 
 Usage: ``python -m bench.chaos [--bookings N] [--seed S] [--short] [--out DIR]``. A full run
 writes ``bench/results/chaos.md`` and ``chaos.json``; ``--short`` is the small version that
-``tests/chaos/test_chaos_short.py`` runs (results only with ``--out``). Exit status 0 means
+``tests/e2e/chaos/test_chaos_short.py`` runs (results only with ``--out``). Exit status 0 means
 nothing lost, every duplicate explained and every dead letter accounted for.
 """
 
