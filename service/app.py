@@ -73,27 +73,24 @@ class App:
     """One process's settings and adapters. Cheap to create; builds each part on first use
     (then the instance attribute answers without the lock)."""
 
-    def __init__(
-        self, settings: Settings, *, clock: Callable[[], datetime] = utcnow, role: str = "cli"
-    ) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> None:
         self.settings = settings
         self.clock = clock
-        self.role = role
         self._lock = threading.RLock()
 
     @classmethod
     def for_worker(cls, environ: Mapping[str, str] | None = None) -> App:
-        return cls(load_settings(environ).require(*SERVICE), role="worker")
+        return cls(load_settings(environ).require(*SERVICE))
 
     @classmethod
     def for_cli(
         cls, environ: Mapping[str, str] | None = None, *, needs: tuple[str, ...] = SERVICE
     ) -> App:
-        return cls(load_settings(environ).require(*needs), role="cli")
+        return cls(load_settings(environ).require(*needs))
 
     @classmethod
     def for_producer(cls, environ: Mapping[str, str] | None = None) -> App:
-        return cls(load_settings(environ).require(*PRODUCER), role="producer")
+        return cls(load_settings(environ).require(*PRODUCER))
 
     @part
     def db(self) -> Database:
@@ -147,10 +144,11 @@ class App:
         """What this pod's ``/metrics`` reads at scrape time; features register theirs here."""
         return build_sources(self.settings, queues=queues, features=[InvalidHoldsSource])
 
-    def close(self) -> None:
-        """Release what this process opened (pool, SMTP connections, flag client)."""
+    def close(self, flags_wait: float = 2.0) -> None:
+        """Release what this process opened (pool, SMTP connections, flag client; the client's
+        threads get ``flags_wait`` seconds to end)."""
         if "flags" in self.__dict__:
-            self.flags.stop()
+            self.flags.stop(flags_wait)
         if "mailer" in self.__dict__:
             self.mailer.close_all()
         if "db" in self.__dict__:

@@ -172,11 +172,12 @@ def build_middleware(
     after_retries: Sequence[Middleware] = (),
 ) -> list[Middleware]:
     """Dramatiq's standard middleware around our retries. ``after_*`` hooks run in reverse
-    order, so middleware in ``before_retries`` sees the verdict of Retries."""
+    order, so middleware in ``before_retries`` sees the verdict of Retries, and TimeLimit, listed
+    after Retries, disarms the actor's time limit before a retry is re-enqueued (a re-enqueue
+    riding out a broker blip must not be interrupted half-way)."""
     middleware: list[Middleware] = [
         *first,
         AgeLimit(),
-        TimeLimit(),
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
@@ -187,6 +188,7 @@ def build_middleware(
             max_backoff=settings.email_max_backoff_ms,
             reenqueue_deadline_seconds=settings.reenqueue_deadline_seconds,
         ),
+        TimeLimit(),
         CurrentMessage(),
         *after_retries,
     ]

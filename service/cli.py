@@ -48,6 +48,7 @@ def _setup(ctx: typer.Context) -> None:
     settings = load_settings()
     configure(settings.log_level, settings.log_format)
     ctx.obj = App(settings)
+    ctx.call_on_close(ctx.obj.close)
 
 
 def _app(ctx: typer.Context, *needs: str) -> App:

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 from yoyo import get_backend, read_migrations
 
 from service.resilience import TransientError
@@ -32,22 +32,26 @@ _CONFLICTS: tuple[type[BaseException], ...] = (
 )
 
 
-class DatabaseUnavailable(TransientError):
+class DatabaseError(TransientError):
+    """Postgres could not do it now; retrying can succeed (catch this for either kind)."""
+
+
+class DatabaseUnavailable(DatabaseError):
     """Postgres could not be reached, or the pool had no connection in time."""
 
 
-class DatabaseConflict(TransientError):
+class DatabaseConflict(DatabaseError):
     """A lock conflict, deadlock or serialisation failure: retrying soon will succeed."""
 
 
-def map_error(error: BaseException) -> TransientError | None:
+def map_error(error: BaseException) -> DatabaseError | None:
     """The service error for a psycopg or pool error, or None when it is not transient."""
     if isinstance(error, _CONFLICTS):
         return DatabaseConflict(f"database conflict: {type(error).__name__}")
+    if isinstance(error, PoolTimeout):
+        return DatabaseUnavailable("database unavailable: no connection within the pool timeout")
     if isinstance(error, psycopg.OperationalError | psycopg.errors.AdminShutdown):
         return DatabaseUnavailable(f"database unavailable: {type(error).__name__}")
-    if isinstance(error, TimeoutError):
-        return DatabaseUnavailable("database unavailable: no connection within the pool timeout")
     return None
 
 
@@ -55,7 +59,7 @@ def map_error(error: BaseException) -> TransientError | None:
 def _mapped_errors() -> Iterator[None]:
     try:
         yield
-    except (psycopg.Error, TimeoutError) as error:
+    except psycopg.Error as error:
         mapped = map_error(error)
         if mapped is None:
             raise

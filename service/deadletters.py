@@ -108,14 +108,17 @@ class DeadLetterRecorder(Middleware):
             exception = exception.__cause__
         reason = failure_reason(exception)
         error = redact_text(f"{type(exception).__name__}: {exception}")[:2000]
-        DEAD_LETTERS_RECORDED.labels(message.queue_name.removesuffix(".DQ"), reason).inc()
         kind_of: KindOf | None = _option(broker, message, "dead_letter_kind")
         on_dead: OnDeadLetter | None = _option(broker, message, "on_dead_letter")
-        try:
-            if on_dead is not None:
+        if on_dead is not None:
+            try:
                 on_dead(message)
+            except Exception as failure:
+                log.warning("on_dead_letter hook failed", error=type(failure).__name__)
+        try:
             kind = kind_of(message.asdict()) if kind_of is not None else None
             record_dead_letter(self.database(), message, reason, error, kind)
+            DEAD_LETTERS_RECORDED.labels(message.queue_name.removesuffix(".DQ"), reason).inc()
         except Exception as failure:  # the broker still holds the letter; never break the worker
             log.error(
                 "could not record a dead letter in Postgres; the broker still holds it",

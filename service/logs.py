@@ -51,6 +51,9 @@ _PROCESSORS: list[Any] = [
 ]
 
 
+_ACTOR_CALL = "Received args=%r kwargs=%r."
+
+
 def _looks_like_message(value: object) -> bool:
     return all(hasattr(value, a) for a in ("actor_name", "message_id", "args", "kwargs"))
 
@@ -80,6 +83,8 @@ class RedactMessageArguments(logging.Filter):
             record.args = (describe_message(args),)
         if _looks_like_message(record.msg):
             record.msg = describe_message(record.msg)
+        if record.msg == _ACTOR_CALL:  # Dramatiq's actor logs its call's values at DEBUG
+            record.args = ("<redacted>", "<redacted>")
         return True
 
 

@@ -14,6 +14,7 @@ readiness probe fails until a message goes through again.
 
 from __future__ import annotations
 
+import os
 import smtplib
 import ssl
 import threading
@@ -24,7 +25,7 @@ from email.utils import getaddresses
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from service.config import Settings
-from service.logs import get_logger
+from service.logs import get_logger, redact_text
 from service.metrics import SMTP_AUTH_FAILURES
 from service.observability.heartbeat import clear_unready, report_unready
 from service.resilience import PermanentError, ServiceError, TransientError
@@ -73,8 +74,10 @@ class Refusal:
 
 
 def _reply_text(reply: bytes | str) -> str:
+    """The server's reply, shortened, with addresses masked: it is stored in delivery rows,
+    dead letters and retry tracebacks, where no guest address belongs."""
     text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-    return " ".join(text.split())[:_REPLY_CHARS]
+    return redact_text(" ".join(text.split()))[:_REPLY_CHARS]
 
 
 def _refusals(recipients: Mapping[str, tuple[int, bytes]]) -> dict[str, Refusal]:
@@ -292,6 +295,7 @@ class Mailer:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all: list[SmtpTransport] = []
+        self._pid = os.getpid()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Mailer:
@@ -300,6 +304,8 @@ class Mailer:
         return cls(target, settings.smtp_timeout_seconds, ca_file)
 
     def transport(self) -> SmtpTransport:
+        if self._pid != os.getpid():  # forked: never share the parent's SMTP sockets
+            self._local, self._all, self._pid = threading.local(), [], os.getpid()
         transport: SmtpTransport | None = getattr(self._local, "transport", None)
         if transport is None:
             transport = SmtpTransport(self.target, self.timeout, self.ca_file)

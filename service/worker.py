@@ -7,6 +7,7 @@ which becomes Dramatiq's global broker in this process only.
 
 from __future__ import annotations
 
+import atexit
 import sys
 
 import dramatiq
@@ -29,6 +30,7 @@ def start() -> None:
     app = App.for_worker()
     configure(app.settings.log_level, app.settings.log_format)
     dramatiq.set_broker(bind(app))
+    atexit.register(app.close)  # after Dramatiq's shutdown: pool, SMTP connections, flag client
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,8 +56,10 @@ class DeferredActor:
         if isinstance(declared, AppActor) and declared.app is app:
             self._bound = declared
             return declared
+        fn = partial(self.handler, app)
+        fn.__module__ = self.handler.__module__  # names the actor's logger
         actor = self.actor_class(
-            partial(self.handler, app),
+            fn,
             broker=app.broker,
             actor_name=self.actor_name,
             queue_name=self.queue_name,

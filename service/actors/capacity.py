@@ -42,7 +42,7 @@ def capacity_service(app: App) -> Capacity:
     """The capacity shell's dependencies: the confirmed email goes through ``send_booking_email``."""
 
     def notify(booking_id: uuid.UUID) -> None:
-        send_booking_email.send(str(booking_id), "confirmed")
+        send_booking_email.bind(app).send(str(booking_id), "confirmed")
 
     return Capacity(
         db=app.db,

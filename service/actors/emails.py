@@ -22,7 +22,7 @@ from service.actors.binding import AppActor, DeferredActor
 from service.app import App
 from service.broker import BROKER_ERRORS
 from service.config import ConfigError
-from service.db import DatabaseUnavailable
+from service.db import DatabaseError
 from service.emails import deliveries
 from service.emails.models import EmailPayload, InvalidPayload
 from service.emails.pipeline import (
@@ -107,7 +107,7 @@ def send_now(app: App, payload: EmailPayload, decision: str) -> None:
     try:
         with EMAIL_SEND_SECONDS.labels(payload.type.value).time():
             action = deliver(room, payload, Attempt(number=1, final=False))
-    except (RetryableDeliveryFailure, DatabaseUnavailable) as error:
+    except (RetryableDeliveryFailure, DatabaseError) as error:
         _record_pending(app, payload, str(error), now)
         EMAIL_PRODUCER_DECISIONS.labels("recorded_pending").inc()
         log.warning(
@@ -130,7 +130,7 @@ def _record_pending(app: App, payload: EmailPayload, error: str, due: datetime |
             deliveries.record_outside_send(
                 conn, payload.booking_id, payload.type, "pending", error, due
             )
-    except DatabaseUnavailable as db_error:
+    except DatabaseError as db_error:
         log.error("email could not be queued, sent or recorded", booking_id=str(payload.booking_id))
         raise EmailNotAccepted(
             "broker, SMTP and database all unavailable; retry the request"
@@ -171,9 +171,8 @@ def deliver_booking_email(app: App, *args: Any, **kwargs: Any) -> None:
     retries = int(message.options.get("retries", 0)) if message else 0
     delay = payload.delay_ms(app.clock())
     if delay is not None and delay > 1000:
-        app.broker.enqueue(
-            send_booking_email.message_with_options(kwargs=payload.as_kwargs()), delay=delay
-        )
+        itself = app.broker.get_actor(ACTOR_NAME)
+        app.broker.enqueue(itself.message_with_options(kwargs=payload.as_kwargs()), delay=delay)
         return
     attempt = Attempt(number=retries + 1, final=retries >= app.settings.email_max_retries)
     try:

@@ -49,7 +49,7 @@ from service.capacity.notifications import (
 )
 from service.capacity.policy import tables_by_id
 from service.capacity.quoting import Quote
-from service.db import Database, DatabaseUnavailable
+from service.db import Database, DatabaseError
 from service.logs import get_logger
 
 log = get_logger(__name__)
@@ -540,7 +540,7 @@ class Backfill:
             with self.db.transaction() as conn:
                 conn.execute("SET LOCAL lock_timeout = '5s'")
                 conn.execute(f"ALTER TABLE holds VALIDATE CONSTRAINT {METADATA_CONSTRAINT}")
-        except (DatabaseUnavailable, psycopg.errors.CheckViolation) as error:
+        except (DatabaseError, psycopg.errors.CheckViolation) as error:
             return f"not validated ({type(error).__name__}); run the backfill again"
         return "validated"
 

@@ -15,7 +15,7 @@ from email.message import Message
 
 import psycopg
 
-from service.db import Database, DatabaseUnavailable
+from service.db import Database, DatabaseError
 from service.emails import deliveries
 from service.emails.models import EmailPayload
 from service.emails.render import UnrenderableBooking, message_id, render
@@ -114,7 +114,7 @@ def deliver(room: Mailroom, payload: EmailPayload, attempt: Attempt) -> Action:
                     message_id=mid if failure is None else None,
                     error=None if failure is None else str(failure),
                 )
-    except DatabaseUnavailable:
+    except DatabaseError:
         if not handed_over:
             raise
         _record_sent_through_outage(room, payload, mid)
@@ -134,11 +134,11 @@ def _record_sent_through_outage(room: Mailroom, payload: EmailPayload, mid: str)
     try:
         keep_trying(
             record,
-            retry_on=(DatabaseUnavailable,),
+            retry_on=(DatabaseError,),
             deadline_seconds=room.sent_record_deadline_seconds,
             first_pause=0.5,
         )
-    except DatabaseUnavailable:
+    except DatabaseError:
         raise RetryableDeliveryFailure(
             "email handed to SMTP but the database stayed unavailable; a retry may resend it"
         ) from None

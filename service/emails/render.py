@@ -10,7 +10,6 @@ through the header registry. Non-ASCII display names and subjects are RFC 2047 e
 
 from __future__ import annotations
 
-import unicodedata
 from datetime import datetime, timedelta
 from email.charset import QP, Charset
 from email.header import Header
@@ -26,6 +25,7 @@ import jinja2
 
 from service.emails.models import BookingView
 from service.emails.rules import EmailType
+from service.text import single_line
 
 SUBJECTS: dict[EmailType, str] = {
     EmailType.REQUEST_RECEIVED: "We received your booking request at {venue}",
@@ -50,11 +50,6 @@ def _env() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )
-
-
-def single_line(text: str) -> str:
-    """Drop control characters (CR, LF, NUL, ...) so that text is safe inside one header."""
-    return "".join(ch for ch in text if unicodedata.category(ch)[0] != "C").strip()
 
 
 def message_id(booking_id: object, email_type: EmailType, sender: str) -> str:

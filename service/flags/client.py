@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -495,7 +496,8 @@ class ClientHolder:
         self._slot: _Slot | None = None
         self._stopping: list[FlagClient] = []
         """Clients stopped whose threads had not ended by the end of ``close``."""
-        os.register_at_fork(after_in_child=self._forget)
+        forget = weakref.WeakMethod(self._forget)
+        os.register_at_fork(after_in_child=lambda: (method := forget()) and method())
 
     def _forget(self) -> None:
         self._lock = threading.Lock()

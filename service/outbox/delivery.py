@@ -290,6 +290,11 @@ class AdminNotificationHandler:
         the failures of the others."""
         try:
             message = build_email(self.postbox.settings.sender, event, notification, admins)
+        except ValueError as error:  # an address or header the email library refuses
+            OUTBOX_RECIPIENTS.labels("refused").inc(len(recipients))
+            reason = f"email: the message cannot be built ({type(error).__name__})"
+            return {email_target(a): TargetFailure(reason, True) for a in recipients}
+        try:
             refused = self.postbox.send_to(message, recipients)
         except SmtpError as error:
             OUTBOX_RECIPIENTS.labels("refused" if error.permanent else "deferred").inc(

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from service.text import single_line
+
 
 @dataclass(frozen=True)
 class Notification:
@@ -17,3 +19,7 @@ class Notification:
     subject: str
     text: str
     data: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        # The subject becomes a header: venue text with a CR or LF must not break the email.
+        object.__setattr__(self, "subject", single_line(self.subject)[:200])

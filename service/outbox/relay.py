@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 from service.config import Settings
-from service.db import Database, DatabaseUnavailable
+from service.db import Database, DatabaseError
 from service.logs import get_logger
 from service.metrics import OUTBOX_EVENTS
 from service.outbox import store
@@ -120,8 +120,8 @@ class Relay:
             try:
                 with guard() if guard is not None else nullcontext():
                     batch = self.run_batch()
-            except DatabaseUnavailable as error:
-                log.warning("outbox relay: database unavailable", error=str(error))
+            except DatabaseError as error:
+                log.warning("outbox relay: database busy or unavailable", error=str(error))
                 stop.wait(max(self.poll_interval, 5.0))
                 continue
             if batch.claimed < self.batch_size:

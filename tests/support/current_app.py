@@ -35,7 +35,10 @@ def running_app(env: Mapping[str, str]) -> Iterator[App]:
         yield app
     finally:
         while len(_running) > depth:
-            _running.pop()[0].close()
+            finished = _running.pop()[0]
+            finished.close()
+            if "flags" in vars(finished):
+                finished.flags.holder.join_stopped(10)
         for actor in ACTORS:
             actor.unbind()
         if _running:

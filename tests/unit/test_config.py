@@ -106,6 +106,7 @@ def test_settings_come_only_from_the_mapping_given(monkeypatch: pytest.MonkeyPat
         ),
         ("SMTP_URL", f"smtp://u:{SECRET}@smtp:99999", "SMTP_URL: has an invalid port"),
         ("LOG_LEVEL", "LOUD", "LOG_LEVEL: must be one of"),
+        ("PROMETHEUS_MULTIPROC_DIR", "/nonexistent/prom", "PROMETHEUS_MULTIPROC_DIR: no such"),
     ],
 )
 def test_a_process_stops_at_start_with_one_line(variable: str, value: str, expected: str) -> None:

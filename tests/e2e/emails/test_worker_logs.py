@@ -28,7 +28,7 @@ def test_worker_lines_are_json_and_never_show_message_arguments(
     broker: dramatiq.Broker, db: Db, service_env: dict[str, str], tmp_path: Path
 ) -> None:
     log_path = tmp_path / "worker.log"
-    env = {**os.environ, "LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}
+    env = {**os.environ, "LOG_LEVEL": "DEBUG", "LOG_FORMAT": "json"}  # Dramatiq logs calls at DEBUG
     raw = dramatiq.Message(
         queue_name=QUEUE,
         actor_name="send_booking_email",
