@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
+from psycopg.rows import class_row
 
 from service.config import Settings
 from service.db import Database
@@ -65,6 +66,12 @@ class Filters:
         )
 
 
+_RECORD_COLUMNS = (
+    "message_id, queue_name AS queue, actor_name AS actor, email_type, reason, error,"
+    " failed_at, message, true AS recorded, replayed_at, purged_at"
+)
+
+
 @dataclass
 class DeadLetter:
     message_id: str
@@ -87,23 +94,6 @@ class DeadLetter:
     @property
     def location(self) -> str:
         return "+".join(p for p, on in (("db", self.recorded), ("broker", self.copy)) if on)
-
-
-def _from_row(row: dict[str, Any]) -> DeadLetter:
-    message = row["message"] if isinstance(row["message"], dict) else json.loads(row["message"])
-    return DeadLetter(
-        message_id=row["message_id"],
-        queue=row["queue_name"],
-        actor=row["actor_name"],
-        email_type=row["email_type"],
-        reason=row["reason"],
-        error=row["error"],
-        failed_at=row["failed_at"],
-        message=message,
-        recorded=True,
-        replayed_at=row["replayed_at"],
-        purged_at=row["purged_at"],
-    )
 
 
 def kind_of(broker: dramatiq.Broker, message: dict[str, Any]) -> str | None:
@@ -158,12 +148,12 @@ def _records(db: Database, filters: Filters) -> list[DeadLetter]:
         clauses.append("message_id = ANY(%s)")
         params.append(list(filters.ids))
     params.append(filters.limit)
-    with db.transaction() as conn:
-        rows = conn.execute(
-            f"SELECT * FROM dead_letters WHERE {' AND '.join(clauses)} ORDER BY failed_at LIMIT %s",
+    with db.transaction() as conn, conn.cursor(row_factory=class_row(DeadLetter)) as cur:
+        return cur.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM dead_letters WHERE {' AND '.join(clauses)}"
+            " ORDER BY failed_at LIMIT %s",
             params,
         ).fetchall()
-        return [_from_row(row) for row in rows]
 
 
 def _known_queues(db: Database, broker: dramatiq.Broker, filters: Filters) -> list[str]:

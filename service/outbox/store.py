@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 Connection = psycopg.Connection[dict[str, Any]]
@@ -34,20 +35,9 @@ class OutboxEvent:
     claim_token: uuid.UUID | None = None
     dead_targets: Mapping[str, str] = field(default_factory=dict)
 
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> OutboxEvent:
-        return cls(
-            id=row["id"],
-            event_type=row["event_type"],
-            dedupe_key=row["dedupe_key"],
-            venue_id=row["venue_id"],
-            payload=dict(row["payload"]),
-            attempts=row["attempts"],
-            created_at=row["created_at"],
-            delivered_targets=frozenset(row["delivered_targets"] or ()),
-            claim_token=row.get("claim_token"),
-            dead_targets={str(k): str(v) for k, v in (row.get("dead_targets") or {}).items()},
-        )
+    def __post_init__(self) -> None:
+        # Postgres returns the text[] column as a list (rows are mapped with class_row).
+        object.__setattr__(self, "delivered_targets", frozenset(self.delivered_targets))
 
 
 def write_event(
@@ -86,7 +76,8 @@ def claim_due(
     """Claim up to ``limit`` due events: lock them (skipping rows another relay holds), count the
     attempt and set a lease, all in one statement. A relay that dies keeps its claim only until
     the lease ends; the event is then due again."""
-    rows = conn.execute(
+    cursor = conn.cursor(row_factory=class_row(OutboxEvent))
+    rows = cursor.execute(
         """
         WITH due AS (
             SELECT id FROM outbox_events
@@ -104,11 +95,12 @@ def claim_due(
             updated_at = now()
         FROM due
         WHERE e.id = due.id
-        RETURNING e.*
+        RETURNING e.id, e.event_type, e.dedupe_key, e.venue_id, e.payload, e.attempts,
+                  e.created_at, e.delivered_targets, e.claim_token, e.dead_targets
         """,
         {"limit": limit, "lease": lease_seconds, "token": token},
     ).fetchall()
-    return sorted((OutboxEvent.from_row(r) for r in rows), key=lambda e: e.created_at)
+    return sorted(rows, key=lambda e: e.created_at)
 
 
 def mark_delivered(conn: Connection, event: OutboxEvent, targets: Iterable[str]) -> bool:
