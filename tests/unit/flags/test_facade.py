@@ -227,7 +227,8 @@ def test_corrupt_cache_reads_as_empty(
 def _child_client_identity(queue: Any, flags: Flags) -> None:
     created = flags.holder.get()
     queue.put((id(created), created.pid if created else None))
-    flags.stop()
+    flags.stop(5.0)  # the child's own Unleash threads end before the child exits
+    flags.holder.join_stopped(5.0)
 
 
 def test_a_forked_child_builds_its_own_client(
