@@ -17,17 +17,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from harness.app import bound_app
 from harness.servers import PostgresServer, RedisServer, SmtpSink
-from service.actors import ACTORS
 from service.app import App
-from service.logs import configure
-from service.worker import bind
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -115,20 +113,9 @@ def servers(
         yield found
 
 
-@contextmanager
-def service_app(env: Mapping[str, str]) -> Iterator[App]:
-    """A worker-style App for ``env`` with the service's actors bound to it and logging set from
-    its settings; the actors are unbound and the App closed on exit. One at a time: a new
-    setting means a new App."""
-    app = App.for_worker(env)
-    configure(app.settings.log_level, app.settings.log_format)
-    bind(app)
-    try:
-        yield app
-    finally:
-        for actor in ACTORS:
-            actor.unbind()
-        app.close()
+def service_app(env: Mapping[str, str]) -> AbstractContextManager[App]:
+    """The benchmark's in-process App, with logging set from its settings (see ``bound_app``)."""
+    return bound_app(env, configure_logging=True)
 
 
 def machine() -> dict[str, Any]:

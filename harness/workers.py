@@ -106,3 +106,31 @@ class WorkerGroup:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+def service_command(
+    env: dict[str, str], *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m service <args>`` to completion, output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_service(
+    env: dict[str, str], *args: str, stderr: int = subprocess.PIPE
+) -> subprocess.Popen[str]:
+    """Start ``python -m service <args>`` (a relay, say); stdout discarded, stderr piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "service", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )

@@ -21,8 +21,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from email import policy
 from pathlib import Path
@@ -31,13 +31,12 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from harness.app import bound_app
 from harness.factories import insert_booking, insert_venue
 from harness.servers import PostgresServer, RedisServer, SmtpSink
 from harness.unleash import UnleashServer
 from harness.workers import WorkerGroup
-from service.actors import ACTORS
 from service.app import App
-from service.worker import bind
 
 STATUS_MIX = ("pending", "confirmed", "confirmed", "cancelled")
 
@@ -116,23 +115,6 @@ def start_unleash(pg: PostgresServer) -> tuple[UnleashServer | None, str | None]
         ]
     )
     return None, first
-
-
-@contextmanager
-def bound_app(env: Mapping[str, str]) -> Iterator[App]:
-    """A worker-style App for ``env`` with every actor bound to it; unbound and closed at the end.
-
-    One App at a time: an actor is declared once per broker, so switching settings means a
-    new App (and broker) rather than binding an earlier one again.
-    """
-    app = App.for_worker(env)
-    bind(app)
-    try:
-        yield app
-    finally:
-        for actor in ACTORS:
-            actor.unbind()
-        app.close()
 
 
 def flag_kill_switch(

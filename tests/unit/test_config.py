@@ -4,12 +4,11 @@ and the problem in one line, never echoing a secret."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from harness.workers import service_command
 from service.config import PRODUCER, SERVICE, ConfigError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,14 +110,7 @@ def test_settings_come_only_from_the_mapping_given(monkeypatch: pytest.MonkeyPat
 )
 def test_a_process_stops_at_start_with_one_line(variable: str, value: str, expected: str) -> None:
     env = {"PATH": os.environ["PATH"], **BASE, variable: value}
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "worker", "--processes", "1", "--threads", "1"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = service_command(env, "worker", "--processes", "1", "--threads", "1")
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: invalid configuration: ")

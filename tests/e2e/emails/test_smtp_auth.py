@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from harness.servers import SmtpSink, wait_for
-from harness.workers import ROOT
+from harness.workers import service_command, start_service
 from service.observability.heartbeat import clear_unready
 from service.smtp import AUTH_FAILED, UNREADY_KEY
 from tests.support.current_app import reconfigure, relay
@@ -109,14 +107,7 @@ def test_an_outbox_email_is_dead_with_the_reason_and_the_webhook_still_goes(
 
 
 def _health(env: dict[str, str]) -> tuple[int, str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "health", "--readiness"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = service_command(env, "health", "--readiness")
     return done.returncode, (done.stdout + done.stderr).strip()
 
 
@@ -134,14 +125,7 @@ def test_readiness_fails_on_the_relay_that_met_an_auth_failure(
         "OUTBOX_POLL_INTERVAL_SECONDS": "0.1",
         "LOG_LEVEL": "WARNING",
     }
-    relay = subprocess.Popen(
-        [sys.executable, "-m", "service", "outbox", "relay"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    relay = start_service(env, "outbox", "relay")
     try:
         wait_for(lambda: list((tmp_path / "health").glob("relay.*.json")), 30, "relay heartbeat")
         assert _health(env) == (0, "ok: broker and database answer")

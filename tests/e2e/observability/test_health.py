@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +12,7 @@ from typing import Any
 import pytest
 
 from harness.servers import free_port
-from harness.workers import ROOT, WorkerGroup
+from harness.workers import WorkerGroup, service_command
 from tests.support.emails import eventually
 
 MODULE = "tests.e2e.observability.sleepy_actors:start"
@@ -34,14 +32,7 @@ def env(service_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 
 
 def health(env: dict[str, str], *flags: str) -> tuple[int, str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "health", *flags],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = service_command(env, "health", *flags)
     return done.returncode, (done.stdout + done.stderr).strip()
 
 

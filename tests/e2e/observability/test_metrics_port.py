@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness.servers import SmtpSink, free_port, wait_for
-from harness.workers import ROOT, WorkerGroup
+from harness.workers import WorkerGroup, start_service
 from tests.support.emails import Db, eventually, received_for
 
 pytestmark = pytest.mark.slow
@@ -44,14 +43,7 @@ def test_the_relay_carries_on_without_metrics_when_its_port_is_taken(
         "METRICS_BIND_ADDRESS": "127.0.0.1",
         "HEALTH_FILE": str(tmp_path / "health"),
     }
-    relay = subprocess.Popen(
-        [sys.executable, "-m", "service", "outbox", "relay"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    relay = start_service(env, "outbox", "relay")
     try:
         wait_for(lambda: list(tmp_path.glob("health.*.json")), 30, "the relay's heartbeat")
         assert relay.poll() is None, "the relay must keep running"
@@ -97,13 +89,7 @@ def test_metrics_listen_on_the_configured_address(
         "METRICS_BIND_ADDRESS": "127.0.0.2",
         "HEALTH_FILE": str(tmp_path / "health"),
     }
-    relay = subprocess.Popen(
-        [sys.executable, "-m", "service", "outbox", "relay"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    relay = start_service(env, "outbox", "relay", stderr=subprocess.DEVNULL)
     try:
 
         def scrape(host: str) -> bool:

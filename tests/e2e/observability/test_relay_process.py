@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from harness.servers import free_port, wait_for
-from harness.workers import ROOT
+from harness.workers import service_command, start_service
 
 pytestmark = pytest.mark.slow
 
@@ -20,13 +18,7 @@ pytestmark = pytest.mark.slow
 def test_relay_exposes_metrics_and_heartbeat(service_env: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "METRICS_PORT": str(port), "HEALTH_FILE": str(tmp_path / "health")}
-    relay = subprocess.Popen(
-        [sys.executable, "-m", "service", "outbox", "relay"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    relay = start_service(env, "outbox", "relay")
     try:
 
         def scrape() -> str:
@@ -39,24 +31,10 @@ def test_relay_exposes_metrics_and_heartbeat(service_env: dict[str, str], tmp_pa
             "relay metrics",
         )
         assert "booking_outbox_pending" in scrape()
-        probe = subprocess.run(
-            [sys.executable, "-m", "service", "health", "--liveness"],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        probe = service_command(env, "health", "--liveness")
         assert probe.returncode == 0, probe.stdout + probe.stderr
     finally:
         relay.send_signal(signal.SIGTERM)
         assert relay.wait(30) == 0
-    dead = subprocess.run(
-        [sys.executable, "-m", "service", "health", "--liveness"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    dead = service_command(env, "health", "--liveness")
     assert dead.returncode != 0  # the relay is gone: the probe must say so
