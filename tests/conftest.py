@@ -4,7 +4,9 @@ only when a test asks for one: ``tests/unit`` needs none."""
 
 from __future__ import annotations
 
+import logging
 import signal
+from collections.abc import Iterator
 from types import FrameType
 
 import pytest
@@ -25,3 +27,14 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """A terminated run (SIGTERM, e.g. a CI timeout) still tears its servers down."""
     signal.signal(signal.SIGTERM, _interrupt)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs a CLI command in-process configures logging onto the stream pytest
+    captured for it; put the root logger back, so later records never reach a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

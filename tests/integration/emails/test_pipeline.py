@@ -315,8 +315,10 @@ def test_retry_survives_a_redis_blip_during_reenqueue(service_env: dict[str, str
 
         message = MessageProxy(blip_actor.message())
         blip.stop()
-        threading.Timer(1.5, blip.start).start()
+        restart = threading.Timer(1.5, blip.start)
+        restart.start()
         retries.after_process_message(local, message, exception=RuntimeError("smtp 451"))
+        restart.join(30)  # the restart's own readiness wait ends before the server is removed
         assert client.hlen("dramatiq:blip.DQ.msgs") == 1  # the retry is scheduled, not lost
     finally:
         blip.destroy()
