@@ -29,7 +29,7 @@ from service.capacity.notifications import (
 )
 from service.config import PRODUCER, SERVICE, Settings, load_settings
 from service.db import Database
-from service.deadletters import DeadLetterRecorder
+from service.deadletters import DeadLetterRecorder, UndecodableRecorder
 from service.emails.models import utcnow
 from service.emails.pipeline import Mailroom
 from service.flags import Flags
@@ -125,7 +125,9 @@ class App:
             before_retries=[DeadLetterRecorder(lambda: self.db)],
             after_retries=[FlagsMiddleware(self.flags)],
         )
-        return build_broker(settings, middleware)
+        return build_broker(
+            settings, middleware, on_undecodable=UndecodableRecorder(lambda: self.db)
+        )
 
     @part
     def outbox_handlers(self) -> Mapping[str, Handler]:

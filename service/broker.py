@@ -8,15 +8,17 @@ host application that has a broker of its own).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dramatiq
 import pika.exceptions
 import redis
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
-from dramatiq.brokers.redis import RedisBroker
+from dramatiq.broker import Consumer, MessageProxy
+from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import current_millis, dq_name
+from dramatiq.errors import DecodeError
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -46,6 +48,56 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (
 OnRetry = Callable[[dramatiq.Message[Any], int], None]
 """Actor option ``on_retry``: told the message and the delay Dramatiq chose for its retry."""
 
+OnUndecodable = Callable[[str, bytes, BaseException], None]
+"""Told the queue, the raw body and the decoder's error of a fetched message that is not a
+Dramatiq message, after the broker has moved it to the queue's dead letters (``<q>.XQ``)."""
+
+
+def _report_undecodable(
+    on_undecodable: OnUndecodable | None, queue_name: str, body: bytes, error: DecodeError
+) -> None:
+    cause: BaseException = error
+    while isinstance(cause, DecodeError) and isinstance(cause.error, BaseException):
+        cause = cause.error  # the innermost error: the outer ones quote the body
+    log.error(
+        "dead-lettered a message that is not a Dramatiq message",
+        queue=queue_name,
+        size=len(body),
+        error=type(cause).__name__,
+    )
+    if on_undecodable is None:
+        return
+    try:
+        on_undecodable(queue_name, body, cause)
+    except Exception as failure:  # the broker holds the letter; the consumer must carry on
+        log.error("could not report an undecodable message", error=type(failure).__name__)
+
+
+class _DeadLetteringRedisConsumer(_RedisConsumer):
+    """Dramatiq's Redis consumer lets a ``DecodeError`` escape ``__next__``: the consumer
+    thread restarts with a new consumer, and the messages prefetched with the bad one stay in
+    this worker's ack set until the worker dies. This one dead-letters the bad message and goes
+    on with the next."""
+
+    broker: MaintainedRedisBroker
+
+    def __next__(self) -> MessageProxy | None:
+        while True:
+            try:
+                return super().__next__()  # type: ignore[no-any-return]
+            except DecodeError as error:
+                body = error.data if isinstance(error.data, bytes) else str(error.data).encode()
+                try:
+                    self.broker.dead_letter_fetched(self.queue_name, body)
+                except redis.exceptions.RedisError as failure:
+                    log.error(
+                        "could not move an undecodable message to the dead letters; it stays"
+                        " unacked until this worker stops",
+                        queue=self.queue_name,
+                        error=type(failure).__name__,
+                    )
+                _report_undecodable(self.broker.on_undecodable, self.queue_name, body, error)
+
 
 class MaintainedRedisBroker(RedisBroker):
     """A Redis broker that can run queue maintenance on demand.
@@ -53,7 +105,36 @@ class MaintainedRedisBroker(RedisBroker):
     Stock Dramatiq requeues a dead worker's unacked messages only when a random 0.1 % of
     commands happens to run maintenance on that queue: minutes after a crash. ``maintain``
     forces that pass (and refreshes this process's heartbeat).
+
+    A fetched message that is not a Dramatiq message goes to the queue's dead letters and is
+    reported to ``on_undecodable`` instead of crashing the consumer.
     """
+
+    def __init__(self, *, on_undecodable: OnUndecodable | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.on_undecodable = on_undecodable
+
+    @property
+    def consumer_class(self) -> type[Consumer]:
+        return _DeadLetteringRedisConsumer
+
+    def dead_letter_fetched(self, queue_name: str, body: bytes) -> str | None:
+        """Move the message with exactly ``body`` that this broker fetched from ``queue_name``
+        to the dead letters, with Dramatiq's own ``nack``; returns its Redis id (None if it is
+        no longer among this broker's unacked messages). Its id is inside the body, so it is
+        found among the ids the fetch script put in this broker's ack set for the queue."""
+        acks = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
+        ids: list[bytes] = sorted(self.client.smembers(acks))  # type: ignore[arg-type]
+        if not ids:
+            return None
+        bodies: list[bytes | None] = self.client.hmget(  # type: ignore[assignment]
+            f"{self.namespace}:{queue_name}.msgs", ids
+        )
+        for redis_id, stored in zip(ids, bodies, strict=True):
+            if stored == body:
+                self.do_nack(queue_name, redis_id)
+                return redis_id.decode()
+        return None
 
     def maintain(self, queue_name: str) -> None:
         args = [
@@ -67,6 +148,63 @@ class MaintainedRedisBroker(RedisBroker):
             self._max_unpack_size(),
         ]
         self.scripts["dispatch"](args=args, keys=[self.namespace])
+
+
+class _Deliveries:
+    """The consumer's ``(method, properties, body)`` iterator, minus the bodies that are not
+    Dramatiq messages: each is nacked to ``<q>.XQ`` and reported. (Stock Dramatiq nacks it too,
+    but logs the body, and the body may carry guest data.) It runs on the consumer's thread,
+    which owns the channel."""
+
+    def __init__(
+        self,
+        deliveries: Iterator[Any],
+        channel: Any,
+        queue_name: str,
+        report: OnUndecodable | None,
+    ) -> None:
+        self.deliveries = deliveries
+        self.channel = channel
+        self.queue_name = queue_name
+        self.report = report
+
+    def __iter__(self) -> _Deliveries:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            delivery = next(self.deliveries)
+            method, _, body = delivery
+            if method is None:
+                return delivery
+            try:
+                dramatiq.Message.decode(body)
+            except DecodeError as error:
+                self.channel.basic_nack(method.delivery_tag, requeue=False)
+                _report_undecodable(self.report, self.queue_name, body, error)
+                continue
+            return delivery
+
+
+class _DeadLetteringRabbitmqConsumer(_RabbitmqConsumer):
+    broker: DeadLetteringRabbitmqBroker
+
+    def __init__(self, broker: DeadLetteringRabbitmqBroker, queue_name: str, *args: Any) -> None:
+        super().__init__(broker, queue_name, *args)
+        self.iterator = _Deliveries(self.iterator, self.channel, queue_name, broker.on_undecodable)
+
+
+class DeadLetteringRabbitmqBroker(RabbitmqBroker):
+    """A RabbitMQ broker whose consumer dead-letters a delivery that is not a Dramatiq message
+    to ``<q>.XQ`` and reports it to ``on_undecodable``."""
+
+    def __init__(self, *, on_undecodable: OnUndecodable | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.on_undecodable = on_undecodable
+
+    @property
+    def consumer_class(self) -> type[Consumer]:
+        return _DeadLetteringRabbitmqConsumer
 
 
 class RedisMaintenance(Middleware):
@@ -207,14 +345,26 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
-def build_broker(settings: Settings, middleware: list[Middleware]) -> dramatiq.Broker:
-    """A broker for BROKER_URL with ``middleware``; opens no connection until first use."""
+def build_broker(
+    settings: Settings,
+    middleware: list[Middleware],
+    *,
+    on_undecodable: OnUndecodable | None = None,
+) -> dramatiq.Broker:
+    """A broker for BROKER_URL with ``middleware``; opens no connection until first use.
+    A consumed message that cannot be decoded is dead-lettered and told to ``on_undecodable``."""
     url = settings.secret("broker_url")
     if settings.broker_kind == "rabbitmq":
-        return RabbitmqBroker(url=url, confirm_delivery=True, middleware=middleware)
+        return DeadLetteringRabbitmqBroker(
+            url=url,
+            confirm_delivery=True,
+            middleware=middleware,
+            on_undecodable=on_undecodable,
+        )
     return MaintainedRedisBroker(
         client=redis_client(url),
         middleware=middleware,
+        on_undecodable=on_undecodable,
         heartbeat_timeout=settings.redis_heartbeat_timeout_ms,
         dead_message_ttl=settings.redis_dead_message_ttl_ms,
     )

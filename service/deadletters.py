@@ -7,6 +7,8 @@ type) and ``on_dead_letter`` (called once per letter, e.g. to count it).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -75,6 +77,81 @@ def record_dead_letter(
                 storable(kind)[:32] if isinstance(kind, str) else None,
             ),
         )
+
+
+UNDECODABLE = "undecodable"
+"""Key marking the stored form of a message that was not a Dramatiq message."""
+
+
+def undecodable_id(body: bytes) -> str:
+    """The dead-letter id of an undecodable body (its real id is inside it): a digest, so the
+    Postgres record and the broker copy match."""
+    return f"{UNDECODABLE}-{hashlib.sha256(body).hexdigest()[:32]}"
+
+
+def undecodable_form(queue_name: str, body: bytes) -> dict[str, Any]:
+    """What is known of an undecodable message: its queue, the actor if the body names one, and
+    the body itself (as text when it is UTF-8, else base64)."""
+    form: dict[str, Any] = {
+        UNDECODABLE: True,
+        "message_id": undecodable_id(body),
+        "queue_name": queue_name.removesuffix(".DQ"),
+        "actor_name": "unknown",
+    }
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        form["body_base64"] = base64.b64encode(body).decode("ascii")
+        return form
+    form["body"] = text
+    try:
+        fields = json.loads(text)
+    except ValueError:
+        return form
+    if isinstance(fields, dict) and isinstance(fields.get("actor_name"), str):
+        form["actor_name"] = fields["actor_name"][:200]
+    return form
+
+
+def record_undecodable(db: Database, queue_name: str, body: bytes, error: BaseException) -> None:
+    """Record a fetched body that is not a Dramatiq message, reason ``invalid_payload``."""
+    form = storable(undecodable_form(queue_name, body))
+    with db.transaction() as conn:
+        conn.execute(
+            """
+            INSERT INTO dead_letters (message_id, queue_name, actor_name, message, reason, error)
+            VALUES (%s, %s, %s, %s, 'invalid_payload', %s)
+            ON CONFLICT (message_id) DO UPDATE
+               SET reason = EXCLUDED.reason, error = EXCLUDED.error, failed_at = now(),
+                   message = EXCLUDED.message, replayed_at = NULL, purged_at = NULL
+            """,
+            (
+                form["message_id"],
+                form["queue_name"],
+                form["actor_name"],
+                json.dumps(form, allow_nan=False),
+                storable(redact_text(f"{type(error).__name__}: {error}")[:2000]),
+            ),
+        )
+
+
+class UndecodableRecorder:
+    """The broker's ``on_undecodable``: record the dead body in ``dead_letters``."""
+
+    def __init__(self, database: Callable[[], Database]) -> None:
+        self.database = database
+
+    def __call__(self, queue_name: str, body: bytes, error: BaseException) -> None:
+        queue = queue_name.removesuffix(".DQ")
+        try:
+            record_undecodable(self.database(), queue, body, error)
+            DEAD_LETTERS_RECORDED.labels(queue, "invalid_payload").inc()
+        except Exception as failure:  # the broker still holds the letter; never break the worker
+            log.error(
+                "could not record a dead letter in Postgres; the broker still holds it",
+                message_id=undecodable_id(body),
+                error=type(failure).__name__,
+            )
 
 
 def _option(broker: dramatiq.Broker, message: Any, name: str) -> Any:

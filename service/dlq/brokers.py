@@ -12,6 +12,7 @@ import redis
 
 from service.amqp import connect
 from service.config import Settings
+from service.deadletters import undecodable_form
 
 NAMESPACE = "dramatiq"
 
@@ -28,6 +29,18 @@ class BrokerCopy:
     @property
     def message_id(self) -> str:
         return str(self.message.get("message_id"))
+
+
+def _parsed(queue: str, body: bytes) -> dict[str, Any]:
+    """The dead message's fields; for a body that is not a message, what is known of it (its
+    id matches the Postgres record, see ``service.deadletters.undecodable_id``)."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        message = None
+    if isinstance(message, dict) and "message_id" in message:
+        return message
+    return undecodable_form(queue, body)
 
 
 class DeadQueues(Protocol):
@@ -51,10 +64,7 @@ class RedisDeadQueues:
         dead_at = {key: score for key, score in scores}
         found: dict[str, BrokerCopy] = {}
         for redis_id, encoded in raw.items():
-            try:
-                message = json.loads(encoded)
-            except ValueError:
-                continue
+            message = _parsed(queue, encoded)
             score = dead_at.get(redis_id)
             when = datetime.fromtimestamp(score / 1000, UTC) if score is not None else None
             copy = BrokerCopy(queue, message, when, redis_id)
@@ -93,10 +103,7 @@ class RabbitDeadQueues:
             method, properties, body = self.channel.basic_get(name, auto_ack=False)
             if method is None:
                 break
-            try:
-                message = json.loads(body)
-            except ValueError:
-                continue
+            message = _parsed(queue, body)
             stamp = getattr(properties, "timestamp", None)
             when = datetime.fromtimestamp(stamp, UTC) if stamp else None
             copy = BrokerCopy(queue, message, when, method.delivery_tag)

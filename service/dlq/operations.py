@@ -23,6 +23,7 @@ from psycopg.rows import class_row
 
 from service.config import Settings
 from service.db import Database
+from service.deadletters import UNDECODABLE
 from service.dlq.brokers import BrokerCopy, DeadQueues, open_dead_queues
 from service.logs import get_logger
 
@@ -200,6 +201,8 @@ def dead_letters(
 
 def replay_message(broker: dramatiq.Broker, message: dict[str, Any]) -> str:
     """Send ``message`` again through its actor with a fresh retry budget; returns the new id."""
+    if message.get(UNDECODABLE):
+        raise ValueError("the body is not a Dramatiq message: it can only be purged")
     options = {k: v for k, v in (message.get("options") or {}).items() if k not in RUNTIME_OPTIONS}
     args = tuple(message.get("args") or ())
     kwargs = dict(message.get("kwargs") or {})
