@@ -33,6 +33,7 @@ from dramatiq.middleware import (
 from service.config import Settings
 from service.logs import get_logger
 from service.metrics import REENQUEUE_FAILURES
+from service.redis_urls import redis_client
 from service.resilience import keep_trying
 
 log = get_logger(__name__)
@@ -335,16 +336,6 @@ def build_middleware(
     return middleware
 
 
-def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url,
-        socket_connect_timeout=2,
-        socket_timeout=10,
-        health_check_interval=30,
-        retry=redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=0.5, base=0.05), 2),
-    )
-
-
 def build_broker(
     settings: Settings,
     middleware: list[Middleware],
@@ -352,7 +343,8 @@ def build_broker(
     on_undecodable: OnUndecodable | None = None,
 ) -> dramatiq.Broker:
     """A broker for BROKER_URL with ``middleware``; opens no connection until first use.
-    A consumed message that cannot be decoded is dead-lettered and told to ``on_undecodable``."""
+    A consumed message that cannot be decoded is dead-lettered and told to ``on_undecodable``.
+    With a ``redis+sentinel://`` URL the client follows the primary that Sentinel names."""
     url = settings.secret("broker_url")
     if settings.broker_kind == "rabbitmq":
         return DeadLetteringRabbitmqBroker(

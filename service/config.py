@@ -28,6 +28,8 @@ from pydantic import (
     field_validator,
 )
 
+from service.redis_urls import DIRECT_SCHEMES, SENTINEL_SCHEMES, parse_redis_url
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE_FALSE = ("1", "0", "true", "false", "yes", "no")
 
@@ -62,7 +64,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     database_url: SecretStr | None = Field(None, description="postgresql:// URL")
-    broker_url: SecretStr | None = Field(None, description="redis(s):// or amqp(s):// URL")
+    broker_url: SecretStr | None = Field(
+        None, description="redis(s)://, redis(s)+sentinel:// or amqp(s):// URL"
+    )
     smtp_url: SecretStr | None = Field(None, description="smtp:// or smtps:// URL")
     email_from: str | None = Field(None, description="From address of guest emails")
 
@@ -126,12 +130,12 @@ class Settings(BaseModel):
         if v is None:
             return v
         url = v.get_secret_value()
-        _check_url(url, ("redis", "rediss", "amqp", "amqps"), "BROKER_URL")
-        parts = urlsplit(url)
-        if parts.scheme.startswith("redis"):
-            db = parts.path.strip("/")
-            if db and not db.isdigit():
-                raise ValueError("BROKER_URL: the Redis database index must be a number")
+        _check_url(url, (*DIRECT_SCHEMES, *SENTINEL_SCHEMES, "amqp", "amqps"), "BROKER_URL")
+        if urlsplit(url).scheme.startswith("redis"):
+            try:
+                parse_redis_url(url)
+            except ValueError as error:
+                raise ValueError(f"BROKER_URL: {error}") from None
         return v
 
     @field_validator("smtp_url")

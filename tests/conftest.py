@@ -13,6 +13,7 @@ import pytest
 
 pytest_plugins = [
     "tests.support.servers",
+    "tests.support.sentinel",
     "tests.support.emails",
     "tests.support.capacity",
     "tests.support.flags",

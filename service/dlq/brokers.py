@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import pika.exceptions
-import redis
 
 from service.amqp import connect
 from service.config import Settings
 from service.deadletters import undecodable_form
+from service.redis_urls import redis_client
 
 NAMESPACE = "dramatiq"
 
@@ -56,7 +56,7 @@ class RedisDeadQueues:
     ``dramatiq:<q>.XQ.msgs`` (Redis message id -> encoded message)."""
 
     def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+        self.client = redis_client(url, connect_timeout=5, socket_timeout=10)
 
     def copies(self, queue: str) -> dict[str, BrokerCopy]:
         raw: Any = self.client.hgetall(f"{NAMESPACE}:{queue}.XQ.msgs")

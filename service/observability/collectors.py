@@ -17,7 +17,6 @@ from typing import Any, Protocol, TypeVar
 
 import pika.exceptions
 import psycopg
-import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -36,6 +35,7 @@ from service.metrics import (
     heartbeat_gauge,
 )
 from service.observability.heartbeat import read_records, record_is_current
+from service.redis_urls import redis_client
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -86,9 +86,9 @@ class RedisQueues:
     name = "queues"
 
     def __init__(self, url: str, queues: Callable[[], Sequence[str]]) -> None:
-        self.client = redis.Redis.from_url(
+        self.client = redis_client(
             url,
-            socket_connect_timeout=BACKEND_TIMEOUT_SECONDS,
+            connect_timeout=BACKEND_TIMEOUT_SECONDS,
             socket_timeout=BACKEND_TIMEOUT_SECONDS,
         )
         self.queues = queues

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import redis
 import typer
 
 from service.amqp import connect
 from service.config import Settings
 from service.observability.heartbeat import is_running, read_records, record_is_current
+from service.redis_urls import redis_client
 
 READINESS_TIMEOUT_SECONDS = 2.0
 
@@ -84,9 +84,9 @@ def _check_broker(settings: Settings) -> None:
     if settings.broker_kind == "rabbitmq":
         connect(url, timeout=READINESS_TIMEOUT_SECONDS).close()
         return
-    client = redis.Redis.from_url(
+    client = redis_client(
         url,
-        socket_connect_timeout=READINESS_TIMEOUT_SECONDS,
+        connect_timeout=READINESS_TIMEOUT_SECONDS,
         socket_timeout=READINESS_TIMEOUT_SECONDS,
     )
     try:
