@@ -282,6 +282,18 @@ class SentinelDeployment:
         primary = self.sentinel_says()
         return [n for n in self.nodes if n.port != primary]
 
+    def online_replicas(self) -> list[RedisNode]:
+        """The replicas the primary lists as online, in node order."""
+        info = self.primary().client().info("replication")
+        ports = {
+            int(value["port"])
+            for key, value in info.items()
+            if key.startswith("slave")
+            and isinstance(value, dict)
+            and value.get("state") == "online"
+        }
+        return [n for n in self.nodes if n.port in ports and n.alive and not n.frozen]
+
     def client(self) -> redis.Redis:
         """A client of the current primary (asks the Sentinels on every new connection)."""
         return redis_client(self.url, connect_timeout=2, socket_timeout=2)
