@@ -366,7 +366,7 @@ def execute(config: FailoverConfig) -> dict[str, Any]:
             f"{config.threads} threads, reconcile grace {config.reconcile_grace}s"
         )
         for e in run.events:
-            say(f"planned at {e.planned:.0%} of the emails sent: {e.kind}")
+            say(f"planned at {e.planned:.0%} of the bookings produced: {e.kind}")
         last_disruption, all_delivered_at, quiet = drive(run)
         result = summarise(run, last_disruption, all_delivered_at, quiet)
         after = producer_decisions()

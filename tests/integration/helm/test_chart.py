@@ -1087,6 +1087,39 @@ def test_keda_prometheus_trigger_renders(render: Render) -> None:
     assert 'namespace="bookings"' in query and "{{" not in query
 
 
+def test_keda_redis_sentinel_trigger_renders_with_both_passwords(render: Render) -> None:
+    docs = render(
+        sets={
+            "workers.email.keda.enabled": True,
+            "workers.email.keda.trigger": "redis-sentinel",
+            "workers.email.keda.redis.sentinel.addresses": "s-0:26379,s-1:26379,s-2:26379",
+            "workers.email.keda.redis.sentinel.master": "bookings",
+            "workers.email.keda.redis.sentinel.passwordSecret.name": "booking-sentinel",
+            "workers.email.keda.redis.passwordSecret.name": "booking-redis",
+        }
+    )
+    trigger = one(docs, "ScaledObject", "-email-worker")["spec"]["triggers"][0]
+    assert trigger["type"] == "redis-sentinel"
+    assert trigger["metadata"]["addresses"] == "s-0:26379,s-1:26379,s-2:26379"
+    assert trigger["metadata"]["sentinelMaster"] == "bookings"
+    assert trigger["metadata"]["listName"] == "dramatiq:pending-booking-emails"
+    auth = one(docs, "TriggerAuthentication", "-email-worker-redis")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    assert {(r["parameter"], r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]} == {
+        ("password", "booking-redis", "redis-password"),
+        ("sentinelPassword", "booking-sentinel", "sentinel-password"),
+    }
+
+
+def test_keda_redis_sentinel_trigger_needs_the_sentinels_and_master(helm: str) -> None:
+    result = helm_template_text(
+        helm,
+        sets={"workers.email.keda.enabled": True, "workers.email.keda.trigger": "redis-sentinel"},
+    )
+    assert result.returncode != 0
+    assert "workers.email.keda.redis.sentinel.addresses and .master" in result.stderr
+
+
 # --------------------------------------------------------------------------- rules and dashboard
 
 
