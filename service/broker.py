@@ -8,7 +8,7 @@ host application that has a broker of its own).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import dramatiq
@@ -18,7 +18,7 @@ from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import current_millis, dq_name
-from dramatiq.errors import DecodeError
+from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -32,7 +32,7 @@ from dramatiq.middleware import (
 
 from service.config import Settings
 from service.logs import get_logger
-from service.metrics import REENQUEUE_FAILURES
+from service.metrics import REENQUEUE_FAILURES, REQUEUED_AFTER_RECONNECT
 from service.redis_urls import redis_client
 from service.resilience import keep_trying
 
@@ -100,6 +100,71 @@ class _DeadLetteringRedisConsumer(_RedisConsumer):
                 _report_undecodable(self.broker.on_undecodable, self.queue_name, body, error)
 
 
+_REDIS_LOST = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class _ReclaimingRedisConsumer(_DeadLetteringRedisConsumer):
+    """Returns to their queue the messages this worker fetched and then lost from memory.
+
+    When a consumer hits a connection error, Dramatiq's ``ConsumerThread`` throws away its
+    in-memory delay queue and starts a new consumer (and one whose ``__next__`` failed on any
+    other error loses the messages it had prefetched). Those messages stay in this worker's
+    ack set in Redis, and Redis maintenance only requeues the ack sets of *dead* workers, so a
+    live worker strands them until it restarts: upstream issue #527
+    (https://github.com/Bogdanp/dramatiq/issues/527).
+
+    So before its first fetch each new consumer requeues, with Dramatiq's own ``requeue``
+    command, every id of this broker's ack set for its queue that the process does not hold
+    in memory. Held means handed out by a consumer and not yet acked, nacked or requeued: a
+    message in the work queue or being processed, whose ack will come from its worker thread;
+    it is left alone, so it is not processed twice. A delay queue's consumer always starts
+    with an empty in-memory delay queue, so nothing of a delay queue is held then. A requeued
+    delayed message goes back to the delay queue with its ``eta`` and waits for it again.
+
+    Redis errors of ``requeue`` and timeouts are raised as ``ConnectionClosed``, the
+    connection loss Dramatiq's worker handles; raw, a failed ``requeue`` in the consumer
+    thread's clean-up would end that thread.
+    """
+
+    broker: MaintainedRedisBroker
+
+    def __init__(
+        self, broker: MaintainedRedisBroker, queue_name: str, prefetch: int, timeout: int
+    ) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)
+        self._reclaimed = False
+        if queue_name.endswith(".DQ"):
+            broker.forget_held(queue_name)
+
+    def __next__(self) -> MessageProxy | None:
+        try:
+            if not self._reclaimed:
+                self.broker.requeue_stranded(self.queue_name)
+                self._reclaimed = True
+            proxy = super().__next__()
+        except _REDIS_LOST as error:
+            raise ConnectionClosed(error) from None
+        if proxy is not None:
+            self.broker.hold(self.queue_name, proxy.options["redis_message_id"])
+        return proxy
+
+    def ack(self, message: MessageProxy) -> None:
+        super().ack(message)
+        self.broker.release(self.queue_name, [message.options["redis_message_id"]])
+
+    def nack(self, message: MessageProxy) -> None:
+        super().nack(message)
+        self.broker.release(self.queue_name, [message.options["redis_message_id"]])
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        messages = list(messages)
+        try:
+            super().requeue(messages)
+        except _REDIS_LOST as error:
+            raise ConnectionClosed(error) from None
+        self.broker.release(self.queue_name, [m.options["redis_message_id"] for m in messages])
+
+
 class MaintainedRedisBroker(RedisBroker):
     """A Redis broker that can run queue maintenance on demand.
 
@@ -108,24 +173,64 @@ class MaintainedRedisBroker(RedisBroker):
     forces that pass (and refreshes this process's heartbeat).
 
     A fetched message that is not a Dramatiq message goes to the queue's dead letters and is
-    reported to ``on_undecodable`` instead of crashing the consumer.
+    reported to ``on_undecodable`` instead of crashing the consumer. After a lost connection,
+    the messages this worker fetched and no longer holds return to their queues (see
+    ``_ReclaimingRedisConsumer``).
     """
+
+    REQUEUE_BATCH = 500
 
     def __init__(self, *, on_undecodable: OnUndecodable | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.on_undecodable = on_undecodable
+        self._held: dict[str, set[str]] = {}
+        self._held_lock = threading.Lock()
 
     @property
     def consumer_class(self) -> type[Consumer]:
-        return _DeadLetteringRedisConsumer
+        return _ReclaimingRedisConsumer
+
+    def _acks_key(self, queue_name: str) -> str:
+        return f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
+
+    def hold(self, queue_name: str, redis_id: str) -> None:
+        with self._held_lock:
+            self._held.setdefault(queue_name, set()).add(redis_id)
+
+    def release(self, queue_name: str, redis_ids: Iterable[str]) -> None:
+        with self._held_lock:
+            self._held.get(queue_name, set()).difference_update(redis_ids)
+
+    def forget_held(self, queue_name: str) -> None:
+        with self._held_lock:
+            self._held.pop(queue_name, None)
+
+    def requeue_stranded(self, queue_name: str) -> int:
+        """Requeue the ids of this broker's ack set for ``queue_name`` that no consumer of this
+        process holds; returns how many. Held ids are read first: ids are only added to the
+        ack set and to the held set by the fetching consumer, which is the caller, and an
+        acked id leaves the ack set before the held set, so none held is requeued."""
+        with self._held_lock:
+            held = set(self._held.get(queue_name, ()))
+        members: set[bytes] = self.client.smembers(self._acks_key(queue_name))  # type: ignore[assignment]
+        stranded = sorted(i.decode() for i in members if i.decode() not in held)
+        for start in range(0, len(stranded), self.REQUEUE_BATCH):
+            self.do_requeue(queue_name, *stranded[start : start + self.REQUEUE_BATCH])
+        if stranded:
+            REQUEUED_AFTER_RECONNECT.labels(queue_name).inc(len(stranded))
+            log.warning(
+                "requeued messages this worker had fetched and lost from memory",
+                queue=queue_name,
+                count=len(stranded),
+            )
+        return len(stranded)
 
     def dead_letter_fetched(self, queue_name: str, body: bytes) -> str | None:
         """Move the message with exactly ``body`` that this broker fetched from ``queue_name``
         to the dead letters, with Dramatiq's own ``nack``; returns its Redis id (None if it is
         no longer among this broker's unacked messages). Its id is inside the body, so it is
         found among the ids the fetch script put in this broker's ack set for the queue."""
-        acks = f"{self.namespace}:__acks__.{self.broker_id}.{queue_name}"
-        ids: list[bytes] = sorted(self.client.smembers(acks))  # type: ignore[arg-type]
+        ids: list[bytes] = sorted(self.client.smembers(self._acks_key(queue_name)))  # type: ignore[arg-type]
         if not ids:
             return None
         bodies: list[bytes | None] = self.client.hmget(  # type: ignore[assignment]

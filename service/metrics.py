@@ -36,6 +36,12 @@ REENQUEUE_FAILURES = Counter(
     "Retries whose re-enqueue failed (broker unreachable); the delivery row keeps them for "
     "the reconciler.",
 )
+REQUEUED_AFTER_RECONNECT = Counter(
+    "booking_redis_requeued_after_reconnect_total",
+    "Messages a worker had fetched from Redis and lost from memory with a dropped connection "
+    "(delayed messages and retries, mostly), returned to their queue when it reconnected.",
+    ["queue"],
+)
 RECONCILER_REQUEUED = Counter(
     "booking_reconciler_requeued_total",
     "Emails the reconciler enqueued again because no delivery completed.",
