@@ -558,6 +558,12 @@ def _message_file(app: Any, booking_id: str, directory: Path) -> Path:
     return path
 
 
+def _thin(curve: list[tuple[float, int]], points: int = 100) -> list[tuple[float, int]]:
+    """At most about ``points`` samples of a completion curve, its last one kept."""
+    step = max(1, len(curve) // points)
+    return curve[::step] + ([curve[-1]] if curve and (len(curve) - 1) % step else [])
+
+
 def _summary(runs: dict[str, list[LoadRun]], per_round: list[dict[str, LoadRun]]) -> dict[str, Any]:
     def ratio(a: str, b: str, of: Callable[[LoadRun], float]) -> dict[str, Any]:
         values = [of(r[a]) / of(r[b]) for r in per_round]
@@ -595,7 +601,7 @@ def _summary(runs: dict[str, list[LoadRun]], per_round: list[dict[str, LoadRun]]
             "pipeline_to_smtp_rate": ratio("pipeline", "smtp", lambda r: r.rate),
             "pipeline_to_plain_cpu": ratio("pipeline", "plain", lambda r: r.cpu_ms_total),
         },
-        "curves": {k: [r.curve for r in rs] for k, rs in runs.items()},
+        "curves": {k: [_thin(r.curve) for r in rs] for k, rs in runs.items()},
     }
 
 
