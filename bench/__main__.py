@@ -1,4 +1,4 @@
-"""``python -m bench [--only NAME] [--quick]``: run the benchmarks, each in its own process.
+"""``python -m bench [NAME ...] [--only NAME] [--quick]``: run the benchmarks, each in its own process.
 
 Each benchmark starts its own throwaway servers, writes ``bench/results/<name>.json`` and
 ``<name>.png``, and prints its markdown; this collects them into ``bench/results/summary.md``.
@@ -14,15 +14,19 @@ import time
 
 from bench.common import RESULTS, ROOT, machine, say
 
-BENCHMARKS = ("producer", "throughput", "recovery", "capacity", "backfill")
+BENCHMARKS = ("producer", "render", "throughput", "recovery", "capacity", "backfill")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"one of {', '.join(BENCHMARKS)}")
     parser.add_argument("--only", choices=BENCHMARKS, action="append", help="repeatable")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and messages")
     args = parser.parse_args()
-    chosen = args.only or list(BENCHMARKS)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
+    chosen = [*args.names, *(args.only or [])] or list(BENCHMARKS)
     RESULTS.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     for name in chosen:

@@ -270,22 +270,40 @@ class RedisServer:
 
 @dataclass
 class SmtpSink:
-    """The aiosmtpd sink of ``harness.smtp_sink`` in its own process.
+    """The aiosmtpd sink of ``harness.smtp_sink`` in its own process (or ``processes`` of them
+    sharing the port through SO_REUSEPORT).
 
     Accepted messages land as ``.eml`` files in ``store``; see that module for the recipient
-    addresses that make it reject or fail temporarily. With ``auth`` (login, password) it
-    requires AUTH with exactly those credentials; ``url`` then carries them.
+    addresses that make it reject or fail temporarily. ``delay`` waits before each RCPT,
+    ``data_delay`` before answering each DATA. With ``auth`` (login, password) it requires AUTH
+    with exactly those credentials; ``url`` then carries them.
     """
 
     root: Path
     port: int = field(default_factory=free_port)
     delay: float = 0.0
     auth: tuple[str, str] | None = None
+    data_delay: float = 0.0
+    processes: int = 1
     proc: subprocess.Popen[bytes] | None = None
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @classmethod
-    def start_new(cls, delay: float = 0.0, auth: tuple[str, str] | None = None) -> SmtpSink:
-        sink = cls(root=Path(tempfile.mkdtemp(prefix="booking-smtp-")), delay=delay, auth=auth)
+    def start_new(
+        cls,
+        delay: float = 0.0,
+        auth: tuple[str, str] | None = None,
+        *,
+        data_delay: float = 0.0,
+        processes: int = 1,
+    ) -> SmtpSink:
+        sink = cls(
+            root=Path(tempfile.mkdtemp(prefix="booking-smtp-")),
+            delay=delay,
+            auth=auth,
+            data_delay=data_delay,
+            processes=processes,
+        )
         sink.start()
         return sink
 
@@ -300,30 +318,41 @@ class SmtpSink:
         login, password = (quote(part, safe="") for part in self.auth)
         return f"smtp://{login}:{password}@127.0.0.1:{self.port}"
 
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
     def start(self) -> None:
         self.store.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "harness.smtp_sink",
-                "--port",
-                str(self.port),
-                "--store",
-                str(self.store),
-                "--delay",
-                str(self.delay),
-                *(["--auth", ":".join(self.auth)] if self.auth else []),
-            ],
-            cwd=Path(__file__).resolve().parents[1],
-        )
-        wait_for(lambda: port_open(self.port), 20, "smtp sink")
+        cmd = [
+            sys.executable,
+            "-m",
+            "harness.smtp_sink",
+            "--port",
+            str(self.port),
+            "--store",
+            str(self.store),
+            "--delay",
+            str(self.delay),
+            "--data-delay",
+            str(self.data_delay),
+            *(["--reuse-port"] if self.processes > 1 else []),
+            "--ready-dir",
+            str(self.root / "ready"),
+            *(["--auth", ":".join(self.auth)] if self.auth else []),
+        ]
+        root = Path(__file__).resolve().parents[1]
+        self.procs = [subprocess.Popen(cmd, cwd=root) for _ in range(self.processes)]
+        self.proc = self.procs[0]
+        ready = self.root / "ready"
+        wait_for(lambda: all((ready / str(p.pid)).exists() for p in self.procs), 20, "smtp sink")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+        self.proc, self.procs = None, []
 
     def messages(self) -> list[bytes]:
         return [p.read_bytes() for p in sorted(self.store.glob("*.eml"))]

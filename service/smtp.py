@@ -18,10 +18,11 @@ import os
 import smtplib
 import ssl
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from email.utils import getaddresses
+from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from service.config import Settings
@@ -56,6 +57,20 @@ class PermanentSmtpError(SmtpError, PermanentError):
 
 class SmtpAuthenticationError(PermanentSmtpError):
     """The server refused our credentials, or requires some we do not send: fix SMTP_URL."""
+
+
+class WireEmail(Protocol):
+    """An email already serialised for SMTP (``service.emails.render.RenderedEmail``): sent as
+    it is, never parsed or flattened again."""
+
+    @property
+    def envelope_from(self) -> str: ...
+
+    @property
+    def envelope_to(self) -> Sequence[str]: ...
+
+    @property
+    def data(self) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -222,11 +237,29 @@ class SmtpTransport:
         """
         if not recipients:
             raise ValueError("send_to needs at least one recipient")
+        return self._hand_over(lambda conn: conn.send_message(message, to_addrs=list(recipients)))
+
+    def send_wire(self, email: WireEmail) -> None:
+        """Hand a serialised email to its envelope recipients with ``sendmail`` (its bytes as
+        they are); raises like ``send``."""
+        if not email.envelope_to:
+            raise PermanentSmtpError("message has no recipient")
+        refused = self._hand_over(
+            lambda conn: conn.sendmail(email.envelope_from, list(email.envelope_to), email.data)
+        )
+        if refused:
+            raise _refused_error(refused)
+
+    def _hand_over(
+        self, transfer: Callable[[smtplib.SMTP], Mapping[str, tuple[int, bytes]]]
+    ) -> dict[str, Refusal]:
+        """Run one message transfer on the connection (reconnecting once when the server had
+        dropped it) and classify what went wrong."""
         for attempt in (1, 2):
             try:
                 if self._conn is None:
                     self._conn = self._connect()
-                refused = self._conn.send_message(message, to_addrs=list(recipients))
+                refused = transfer(self._conn)
             except smtplib.SMTPRecipientsRefused as error:
                 result = _refusals(error.recipients)
                 if result and all(r.code == _AUTH_REQUIRED_CODE for r in result.values()):
@@ -314,9 +347,9 @@ class Mailer:
                 self._all.append(transport)
         return transport
 
-    def send(self, message: Message) -> None:
-        """Hand ``message`` to the server; raises TransientSmtpError or PermanentSmtpError."""
-        self.transport().send(message)
+    def send(self, email: WireEmail) -> None:
+        """Hand a rendered email to the server; raises TransientSmtpError or PermanentSmtpError."""
+        self.transport().send_wire(email)
 
     def send_to(self, message: Message, recipients: Sequence[str]) -> dict[str, Refusal]:
         """``SmtpTransport.send_to`` on the calling thread's transport."""

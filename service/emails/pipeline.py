@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from email.message import Message
 
 import psycopg
 
 from service.db import Database, DatabaseError
 from service.emails import deliveries
 from service.emails.models import EmailPayload
-from service.emails.render import UnrenderableBooking, message_id, render
+from service.emails.render import RenderedEmail, UnrenderableBooking, message_id, render
 from service.emails.rules import Action, Attempt, after_failure, before_send
 from service.resilience import PermanentError, ServiceError, TransientError, keep_trying
 from service.smtp import SmtpError
@@ -45,7 +44,7 @@ class Mailroom:
     """What delivering an email needs, built by the composition root."""
 
     db: Database
-    send: Callable[[Message], None]
+    send: Callable[[RenderedEmail], None]
     sender: str
     sent_record_deadline_seconds: float
     clock: Callable[[], datetime]

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import ssl
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ from prometheus_client import REGISTRY
 from harness.servers import free_port
 from harness.smtp_sink import Credentials, StoringHandler
 from service import smtp as transport_module
+from service.emails.models import BookingView
+from service.emails.render import RenderedEmail, render
+from service.emails.rules import EmailType
 from service.observability.heartbeat import clear_unready, unready_reasons
 from service.smtp import (
     AUTH_FAILED,
@@ -295,3 +300,41 @@ def test_url_parsing() -> None:
     )
     s = SmtpTarget.from_url("smtps://mail.example")
     assert (s.port, s.implicit_tls, s.starttls) == (465, True, False)
+
+
+def _rendered(guest_email: str = "ada@guests.example") -> RenderedEmail:
+    booking = BookingView(
+        booking_id=uuid.uuid4(),
+        status="confirmed",
+        guest_name="Zoë Ångström",
+        guest_email=guest_email,
+        party_size=2,
+        starts_at=datetime(2026, 12, 1, 19, 0, tzinfo=UTC),
+        locale="en",
+        notes=None,
+        venue_name="Café Œuvre",
+        venue_timezone="Europe/Paris",
+    )
+    return render(
+        booking, EmailType.CONFIRMED, "Bookings <bookings@example.test>", datetime.now(UTC)
+    )
+
+
+def test_a_rendered_email_goes_out_byte_for_byte_to_its_envelope(store: Path) -> None:
+    with Server(store) as server:
+        transport = SmtpTransport(SmtpTarget.from_url(f"smtp://127.0.0.1:{server.port}"), timeout=5)
+        rendered = _rendered()
+        transport.send_wire(rendered)
+        stored = sorted(store.glob("*.eml"))
+        assert len(stored) == 1
+        assert stored[0].read_bytes() == rendered.data  # sent as rendered, never re-serialised
+        assert server.recipients() == ["ada@guests.example"]
+
+
+def test_a_rendered_email_to_a_refused_guest_is_permanent(store: Path) -> None:
+    with Server(store) as server:
+        transport = SmtpTransport(SmtpTarget.from_url(f"smtp://127.0.0.1:{server.port}"), timeout=5)
+        with pytest.raises(PermanentSmtpError, match="550"):
+            transport.send_wire(_rendered("gone+reject@guests.example"))
+        transport.send_wire(_rendered())  # the connection is still usable
+        assert server.count() == 1
