@@ -251,6 +251,7 @@ class DeadLetteringRabbitmqBroker(RabbitmqBroker):
         on_over_delivered: OnOverDelivered | None = None,
         queue_type: str = "classic",
         delivery_limit: int = 10,
+        failover_seconds: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if queue_type not in ("classic", "quorum"):
@@ -262,6 +263,19 @@ class DeadLetteringRabbitmqBroker(RabbitmqBroker):
         self.on_over_delivered = on_over_delivered
         self.queue_type = queue_type
         self.delivery_limit: int | None = delivery_limit if queue_type == "quorum" else None
+        self.failover_seconds = failover_seconds
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> Any:
+        """Dramatiq's enqueue (six quick attempts, a new connection each: the next live node),
+        tried again for ``failover_seconds``: while a quorum queue elects a new leader after
+        its node died, publishes are refused for a few seconds."""
+        return keep_trying(
+            lambda: super(DeadLetteringRabbitmqBroker, self).enqueue(message, delay=delay),
+            retry_on=(dramatiq.errors.BrokerConnectionError,),
+            deadline_seconds=self.failover_seconds,
+            first_pause=0.25,
+            max_pause=1.0,
+        )
 
     @property
     def consumer_class(self) -> type[Consumer]:
@@ -451,6 +465,7 @@ def build_broker(
             on_over_delivered=on_over_delivered,
             queue_type=settings.rabbitmq_queue_type,
             delivery_limit=settings.rabbitmq_delivery_limit,
+            failover_seconds=settings.rabbitmq_failover_seconds,
         )
     return MaintainedRedisBroker(
         client=redis_client(url),

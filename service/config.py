@@ -106,6 +106,7 @@ class Settings(BaseModel):
     redis_dead_message_ttl_ms: int = Field(default=7 * 86_400_000, ge=60_000)
     rabbitmq_queue_type: str = "classic"
     rabbitmq_delivery_limit: int = Field(default=10, ge=1, le=1000)
+    rabbitmq_failover_seconds: float = Field(default=5.0, ge=0)
 
     unleash_url: AnyUrl | None = None
     unleash_api_token: SecretStr | None = None
