@@ -33,6 +33,7 @@ import random
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, replace
@@ -85,7 +86,7 @@ class FailoverConfig(Config):
             smtp_delay=0.2,
             kills=0,
             reconcile_every=4.0,
-            reconcile_grace=30,
+            reconcile_grace=60,
             node_down=5.0,
             partition_seconds=30.0,
             drain_timeout=120.0,
@@ -310,7 +311,7 @@ def fallbacks(result: dict[str, Any]) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| scenario | emails | lost | duplicates | fault → first delivery after it | fault → all delivered | `.send()` fell back / raised | re-enqueued by the reconciler only | worker kill -9 | result |",
+        "| scenario | emails | lost | duplicates | fault → first delivery after it | fault → all delivered | `.send()` fell back to immediate send / raised | re-enqueued by the reconciler | worker kill -9 | result |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -384,6 +385,96 @@ def report(results: list[dict[str, Any]], command: str) -> str:
     return "\n".join(out)
 
 
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def measure_producer(rounds: int = 7, batch: int = 300) -> dict[str, Any]:
+    """``send_booking_email.send()`` on a single node with classic queues (the baseline) against
+    the 3-node cluster with quorum queues (confirm after a Raft majority), in alternating rounds
+    from one thread, same process."""
+    from harness.servers import RabbitServer
+    from service.actors import ACTORS
+    from service.actors.emails import send_booking_email
+
+    types = ("request_received", "confirmed", "updated", "cancelled")
+    work = Path(tempfile.mkdtemp(prefix="booking-failover-producer-"))
+    base = {"FLAG_CACHE_DIR": str(work / "flags"), "LOG_LEVEL": "WARNING"}
+    with ExitStack() as stack:
+        say("producer cost: a single node (classic queues) and a 3-node cluster (quorum)")
+        single = RabbitServer.start_new()
+        stack.callback(single.stop)
+        cluster = RabbitCluster.start_new()
+        stack.callback(cluster.destroy)
+        apps = {
+            "single node, classic": App.for_producer({**base, "BROKER_URL": single.url}),
+            "3-node cluster, quorum": App.for_producer(
+                {**base, "BROKER_URL": cluster.broker_url(), "RABBITMQ_QUEUE_TYPE": "quorum"}
+            ),
+        }
+        for app in apps.values():
+            stack.callback(app.close)
+        ids = [str(uuid.uuid4()) for _ in range(batch)]
+        calls: dict[str, list[float]] = {label: [] for label in apps}
+        rates: dict[str, list[float]] = {label: [] for label in apps}
+
+        def batch_of(label: str, n: int) -> None:
+            bind(apps[label])
+            try:
+                started = time.perf_counter()
+                for i in range(n):
+                    t0 = time.perf_counter()
+                    send_booking_email.send(ids[i % batch], types[i % 4])
+                    calls[label].append(time.perf_counter() - t0)
+                rates[label].append(n / (time.perf_counter() - started))
+            finally:
+                for actor in ACTORS:
+                    actor.unbind()
+
+        for label in apps:  # warm up: connections, declarations
+            batch_of(label, 100)
+        calls = {label: [] for label in apps}
+        rates = {label: [] for label in apps}
+        labels = list(apps)
+        for k in range(rounds):
+            for label in labels if k % 2 == 0 else labels[::-1]:
+                batch_of(label, batch)
+    out: dict[str, Any] = {"rounds": rounds, "calls_per_round": batch}
+    for label in calls:
+        out[label] = {
+            "sends_per_s": round(sorted(rates[label])[len(rates[label]) // 2]),
+            "p50_us": round(_percentile(calls[label], 0.5) * 1e6),
+            "p99_us": round(_percentile(calls[label], 0.99) * 1e6),
+        }
+    single_p50 = out["single node, classic"]["p50_us"]
+    out["ratio_p50_quorum_to_single"] = round(
+        out["3-node cluster, quorum"]["p50_us"] / single_p50, 2
+    )
+    return out
+
+
+def producer_table(p: dict[str, Any]) -> str:
+    lines = [
+        f"Producer cost: `send_booking_email.send()` from one thread, {p['rounds']} alternating "
+        f"rounds of {p['calls_per_round']} calls (publisher confirms on both):",
+        "",
+        "| broker | `.send()` per second | latency p50 | latency p99 |",
+        "|---|---|---|---|",
+    ]
+    for label in ("single node, classic", "3-node cluster, quorum"):
+        row = p[label]
+        lines.append(
+            f"| {label} | {row['sends_per_s']:,} | {row['p50_us']:,} µs | {row['p99_us']:,} µs |"
+        )
+    lines += [
+        "",
+        f"Quorum on the cluster / classic on one node, p50: **{p['ratio_p50_quorum_to_single']}x**.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -393,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bookings", type=int)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--no-producer", action="store_true", help="skip the producer cost measurement"
+    )
     args = parser.parse_args(argv)
     if args.short:
         configs = [FailoverConfig.short_failover(seed=args.seed)]
@@ -408,12 +502,16 @@ def main(argv: list[str] | None = None) -> int:
         say(f"[{config.scenario}] {'PASS' if results[-1]['ok'] else 'FAIL'}")
     command = "python -m bench.failover_rabbit" + (" --short" if args.short else "")
     text = report(results, command)
+    producer = None
+    if not args.short and not args.no_producer:
+        producer = measure_producer()
+        text += "\n## Producer cost of confirms against a majority\n\n" + producer_table(producer)
     print()
     print(text)
     out = args.out if args.out else (None if args.short else RESULTS)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        payload = {"command": command, "results": results}
+        payload = {"command": command, "results": results, "producer": producer}
         (out / "failover_rabbit.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
         (out / "failover_rabbit.md").write_text(text)
         say(f"wrote {out / 'failover_rabbit.md'} and failover_rabbit.json")
