@@ -300,7 +300,7 @@ def fault_figures(run: FailoverRun, event: Event, all_delivered_at: float | None
     fresh = sorted(
         min(received.times[key])
         for key, produced_at in run.expected.items()
-        if produced_at > start and key in received.times
+        if wall and produced_at > run.clock.wall_to_run(wall) and key in received.times
     )
     return {
         "kind": event.kind,
