@@ -415,6 +415,10 @@ class RabbitServer:
     epmd_port: int = field(default_factory=free_port)
     cluster_name: str = field(default_factory=lambda: f"booking-test-{secrets.token_hex(8)}")
     """Set in the node's config and checked on every AMQP connection: the node is ours."""
+    cookie: str = field(default_factory=lambda: secrets.token_hex(20).upper())
+    """The Erlang cookie; nodes of one cluster share it."""
+    extra_config: str = ""
+    """More ``rabbitmq.conf`` lines (a cluster's partition handling)."""
     proc: subprocess.Popen[bytes] | None = None
     epmd: subprocess.Popen[bytes] | None = None
 
@@ -504,11 +508,13 @@ class RabbitServer:
         root = self.root
         (root / "rabbitmq-env.conf").write_text("")
         (root / "rabbitmq.conf").write_text(
-            f"loopback_users = none\ncluster_name = {self.cluster_name}\n"
+            f"loopback_users = none\ncluster_name = {self.cluster_name}\n{self.extra_config}"
         )
         (root / "enabled_plugins").write_text("[].\n")
         cookie = root / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(20).upper())
+        if cookie.exists():  # a restart of the same node
+            cookie.chmod(0o600)
+        cookie.write_text(self.cookie)
         cookie.chmod(0o400)
         if _is_root() and _user_exists("rabbitmq"):
             for path in (root, *root.iterdir()):
@@ -518,9 +524,8 @@ class RabbitServer:
             raise RabbitUnavailable("no epmd binary (Erlang's port mapper, in 'erlang-base')")
         out = open(self.log_path, "ab")  # noqa: SIM115
         try:
-            self.epmd = self._spawn(
-                [epmd, "-port", str(self.epmd_port), "-address", "127.0.0.1"], out
-            )
+            if self.epmd is None or self.epmd.poll() is not None:
+                self.epmd = self._spawn(self._epmd_command(epmd), out)
             wait_for(lambda: self._epmd_answers(epmd), 20, "epmd", fatal=(RabbitUnavailable,))
             self.proc = self._spawn([self.binary], out)
         finally:
@@ -532,6 +537,9 @@ class RabbitServer:
             interval=0.5,
             fatal=(RabbitUnavailable,),
         )
+
+    def _epmd_command(self, epmd: str) -> list[str]:
+        return [epmd, "-port", str(self.epmd_port), "-address", "127.0.0.1"]
 
     def _epmd_answers(self, epmd: str) -> bool:
         self._alive(self.epmd)

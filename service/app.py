@@ -119,14 +119,18 @@ class App:
     def broker(self) -> dramatiq.Broker:
         """This process's broker; it becomes Dramatiq's global broker only in a worker."""
         settings = self.settings
+        recorder = DeadLetterRecorder(lambda: self.db)
         middleware = build_middleware(
             settings,
             first=[DramatiqMetrics(settings, expose_worker_metrics), WorkerHeartbeat(settings)],
-            before_retries=[DeadLetterRecorder(lambda: self.db)],
+            before_retries=[recorder],
             after_retries=[FlagsMiddleware(self.flags)],
         )
         return build_broker(
-            settings, middleware, on_undecodable=UndecodableRecorder(lambda: self.db)
+            settings,
+            middleware,
+            on_undecodable=UndecodableRecorder(lambda: self.db),
+            on_over_delivered=recorder.over_delivered,
         )
 
     @part

@@ -15,9 +15,9 @@ import dramatiq
 import pika.exceptions
 import redis
 from dramatiq.broker import Consumer, MessageProxy
-from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
+from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-from dramatiq.common import current_millis, dq_name
+from dramatiq.common import current_millis, dq_name, xq_name
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.middleware import (
     AgeLimit,
@@ -257,22 +257,23 @@ class MaintainedRedisBroker(RedisBroker):
 
 
 class _Deliveries:
-    """The consumer's ``(method, properties, body)`` iterator, minus the bodies that are not
-    Dramatiq messages: each is nacked to ``<q>.XQ`` and reported. (Stock Dramatiq nacks it too,
-    but logs the body, and the body may carry guest data.) It runs on the consumer's thread,
-    which owns the channel."""
+    """The consumer's ``(method, properties, body)`` iterator, minus the deliveries it must not
+    process: a body that is not a Dramatiq message, and (quorum queues) a message RabbitMQ has
+    already handed out ``delivery_limit`` times without an ack. Each is nacked to ``<q>.XQ`` and
+    reported. (Stock Dramatiq nacks an undecodable body too, but logs it, and the body may carry
+    guest data.) It runs on the consumer's thread, which owns the channel."""
 
     def __init__(
         self,
         deliveries: Iterator[Any],
         channel: Any,
         queue_name: str,
-        report: OnUndecodable | None,
+        broker: DeadLetteringRabbitmqBroker,
     ) -> None:
         self.deliveries = deliveries
         self.channel = channel
         self.queue_name = queue_name
-        self.report = report
+        self.broker = broker
 
     def __iter__(self) -> _Deliveries:
         return self
@@ -280,16 +281,47 @@ class _Deliveries:
     def __next__(self) -> Any:
         while True:
             delivery = next(self.deliveries)
-            method, _, body = delivery
+            method, properties, body = delivery
             if method is None:
                 return delivery
             try:
-                dramatiq.Message.decode(body)
+                message = dramatiq.Message.decode(body)
             except DecodeError as error:
                 self.channel.basic_nack(method.delivery_tag, requeue=False)
-                _report_undecodable(self.report, self.queue_name, body, error)
+                _report_undecodable(self.broker.on_undecodable, self.queue_name, body, error)
+                continue
+            count = delivery_count(properties)
+            limit = self.broker.delivery_limit
+            if limit is not None and count >= limit:
+                self.channel.basic_nack(method.delivery_tag, requeue=False)
+                _report_over_delivered(self.broker, message, count)
                 continue
             return delivery
+
+
+def delivery_count(properties: Any) -> int:
+    """How many times a quorum queue handed this message out before without an ack."""
+    headers = getattr(properties, "headers", None) or {}
+    value = headers.get("x-delivery-count", 0)
+    return value if isinstance(value, int) else 0
+
+
+def _report_over_delivered(
+    broker: DeadLetteringRabbitmqBroker, message: dramatiq.Message[Any], count: int
+) -> None:
+    log.error(
+        "dead-lettered a message delivered too often without an ack",
+        queue=message.queue_name,
+        message_id=message.message_id,
+        deliveries=count,
+        delivery_limit=broker.delivery_limit,
+    )
+    if broker.on_over_delivered is None:
+        return
+    try:
+        broker.on_over_delivered(broker, message, count)
+    except Exception as failure:  # the broker holds the letter; the consumer must carry on
+        log.error("could not report an over-delivered message", error=type(failure).__name__)
 
 
 class _DeadLetteringRabbitmqConsumer(_RabbitmqConsumer):
@@ -297,20 +329,87 @@ class _DeadLetteringRabbitmqConsumer(_RabbitmqConsumer):
 
     def __init__(self, broker: DeadLetteringRabbitmqBroker, queue_name: str, *args: Any) -> None:
         super().__init__(broker, queue_name, *args)
-        self.iterator = _Deliveries(self.iterator, self.channel, queue_name, broker.on_undecodable)
+        self.iterator = _Deliveries(self.iterator, self.channel, queue_name, broker)
+
+
+OnOverDelivered = Callable[[dramatiq.Broker, dramatiq.Message[Any], int], None]
+"""Told the broker, the message and its delivery count when a quorum queue's message reached
+the delivery limit, after the consumer moved it to the queue's dead letters (``<q>.XQ``)."""
 
 
 class DeadLetteringRabbitmqBroker(RabbitmqBroker):
     """A RabbitMQ broker whose consumer dead-letters a delivery that is not a Dramatiq message
-    to ``<q>.XQ`` and reports it to ``on_undecodable``."""
+    to ``<q>.XQ`` and reports it to ``on_undecodable``.
 
-    def __init__(self, *, on_undecodable: OnUndecodable | None = None, **kwargs: Any) -> None:
+    With ``queue_type="quorum"`` it declares every queue (``<q>``, ``<q>.DQ``, ``<q>.XQ``) as a
+    replicated quorum queue. Such a queue counts how often it handed a message out without an
+    ack (a worker killed mid-message, a node failover): at ``delivery_limit`` the consumer
+    dead-letters the message itself and reports it to ``on_over_delivered`` (recorded in
+    Postgres like any dead letter); the queue's own ``x-delivery-limit``, one higher, is the
+    backstop that dead-letters to ``<q>.XQ`` should a worker die on that last delivery too.
+    Stock Dramatiq declares classic-only arguments (``x-max-priority``), hence the override.
+    """
+
+    def __init__(
+        self,
+        *,
+        on_undecodable: OnUndecodable | None = None,
+        on_over_delivered: OnOverDelivered | None = None,
+        queue_type: str = "classic",
+        delivery_limit: int = 10,
+        failover_seconds: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if queue_type not in ("classic", "quorum"):
+            raise ValueError(f"unknown queue type {queue_type!r}")
+        if queue_type == "quorum" and kwargs.get("max_priority"):
+            raise ValueError("quorum queues have no x-max-priority")
         super().__init__(**kwargs)
         self.on_undecodable = on_undecodable
+        self.on_over_delivered = on_over_delivered
+        self.queue_type = queue_type
+        self.delivery_limit: int | None = delivery_limit if queue_type == "quorum" else None
+        self.failover_seconds = failover_seconds
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> Any:
+        """Dramatiq's enqueue (six quick attempts, a new connection each: the next live node),
+        tried again for ``failover_seconds``: while a quorum queue elects a new leader after
+        its node died, publishes are refused for a few seconds."""
+        return keep_trying(
+            lambda: super(DeadLetteringRabbitmqBroker, self).enqueue(message, delay=delay),
+            retry_on=(dramatiq.errors.BrokerConnectionError,),
+            deadline_seconds=self.failover_seconds,
+            first_pause=0.25,
+            max_pause=1.0,
+        )
 
     @property
     def consumer_class(self) -> type[Consumer]:
         return _DeadLetteringRabbitmqConsumer
+
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        arguments: dict[str, Any] = super()._build_queue_arguments(queue_name)
+        if self.delivery_limit is not None:
+            arguments.pop("x-max-priority", None)
+            arguments.update(
+                {
+                    "x-queue-type": "quorum",
+                    "x-delivery-limit": self.delivery_limit + 1,
+                    # dead letters reach <q>.XQ even if a leader fails during the move
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                }
+            )
+        return arguments
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        if self.delivery_limit is None:
+            return super()._declare_xq_queue(queue_name)
+        return self.channel.queue_declare(
+            queue=xq_name(queue_name),
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-message-ttl": DEAD_MESSAGE_TTL},
+        )
 
 
 class RedisMaintenance(Middleware):
@@ -446,17 +545,24 @@ def build_broker(
     middleware: list[Middleware],
     *,
     on_undecodable: OnUndecodable | None = None,
+    on_over_delivered: OnOverDelivered | None = None,
 ) -> dramatiq.Broker:
     """A broker for BROKER_URL with ``middleware``; opens no connection until first use.
-    A consumed message that cannot be decoded is dead-lettered and told to ``on_undecodable``.
-    With a ``redis+sentinel://`` URL the client follows the primary that Sentinel names."""
+    A consumed message that cannot be decoded is dead-lettered and told to ``on_undecodable``;
+    on quorum queues, one past the delivery limit to ``on_over_delivered``. With a
+    ``redis+sentinel://`` URL the client follows the primary that Sentinel names."""
     url = settings.secret("broker_url")
     if settings.broker_kind == "rabbitmq":
         return DeadLetteringRabbitmqBroker(
-            url=url,
-            confirm_delivery=True,
+            # pika tries the listed nodes in order, on every (re)connection
+            url=settings.broker_urls,
+            confirm_delivery=True,  # a quorum queue confirms once a majority has the message
             middleware=middleware,
             on_undecodable=on_undecodable,
+            on_over_delivered=on_over_delivered,
+            queue_type=settings.rabbitmq_queue_type,
+            delivery_limit=settings.rabbitmq_delivery_limit,
+            failover_seconds=settings.rabbitmq_failover_seconds,
         )
     return MaintainedRedisBroker(
         client=redis_client(url),

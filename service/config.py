@@ -34,8 +34,29 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE_FALSE = ("1", "0", "true", "false", "yes", "no")
 
 
+QUEUE_TYPES = ("classic", "quorum")
+
+
 class ConfigError(RuntimeError):
     """Raised when the environment does not describe a runnable process."""
+
+
+def amqp_node_urls(url: str) -> list[str]:
+    """``amqp://user:pass@host1:5672,host2:5673/vhost?query`` as one URL per node, in order
+    (credentials, vhost and query shared). Messages never include the URL."""
+    if ";" in url or url.count("://") > 1:
+        raise ValueError(
+            "BROKER_URL: list RabbitMQ nodes as amqp://user:pass@host1:port1,host2:port2/vhost"
+            " (one scheme, one set of credentials)"
+        )
+    parts = urlsplit(url)
+    credentials, at, hosts = parts.netloc.rpartition("@")
+    nodes = [h.strip() for h in hosts.split(",")]
+    if any(not h for h in nodes):
+        raise ValueError("BROKER_URL: an empty host in the list of RabbitMQ nodes")
+    if len(set(nodes)) != len(nodes):
+        raise ValueError("BROKER_URL: a RabbitMQ node is listed twice")
+    return [parts._replace(netloc=f"{credentials}{at}{node}").geturl() for node in nodes]
 
 
 def _check_url(value: str, schemes: tuple[str, ...], name: str) -> None:
@@ -87,6 +108,9 @@ class Settings(BaseModel):
     redis_heartbeat_timeout_ms: int = Field(default=15_000, ge=1_000)
     redis_maintenance_interval_seconds: float = Field(default=5.0, gt=0)
     redis_dead_message_ttl_ms: int = Field(default=7 * 86_400_000, ge=60_000)
+    rabbitmq_queue_type: str = "classic"
+    rabbitmq_delivery_limit: int = Field(default=10, ge=1, le=1000)
+    rabbitmq_failover_seconds: float = Field(default=5.0, ge=0)
 
     unleash_url: AnyUrl | None = None
     unleash_api_token: SecretStr | None = None
@@ -136,7 +160,16 @@ class Settings(BaseModel):
                 parse_redis_url(url)
             except ValueError as error:
                 raise ValueError(f"BROKER_URL: {error}") from None
+        else:
+            amqp_node_urls(url)
         return v
+
+    @field_validator("rabbitmq_queue_type")
+    @classmethod
+    def _queue_type(cls, v: str) -> str:
+        if v.lower() not in QUEUE_TYPES:
+            raise ValueError(f"RABBITMQ_QUEUE_TYPE must be one of {', '.join(QUEUE_TYPES)}")
+        return v.lower()
 
     @field_validator("smtp_url")
     @classmethod
@@ -196,6 +229,12 @@ class Settings(BaseModel):
                 except ValueError as error:
                     raise ValueError(f"{part!r} is not a network in CIDR form: {error}") from None
         return tuple(networks)
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """RabbitMQ: one URL per node listed in BROKER_URL, in order; Redis: BROKER_URL."""
+        url = self.secret("broker_url")
+        return amqp_node_urls(url) if self.broker_kind == "rabbitmq" else [url]
 
     @property
     def broker_kind(self) -> str:

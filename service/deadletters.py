@@ -29,6 +29,10 @@ KindOf = Callable[[dict[str, Any]], str | None]
 OnDeadLetter = Callable[[dramatiq.Message[Any]], None]
 
 
+OVER_DELIVERED = "delivery_limit"
+"""Reason of a message a quorum queue handed out RABBITMQ_DELIVERY_LIMIT times without an ack."""
+
+
 def failure_reason(exception: BaseException | None) -> str:
     if isinstance(exception, InvalidMessage):
         return "invalid_payload"
@@ -185,6 +189,20 @@ class DeadLetterRecorder(Middleware):
             exception = exception.__cause__
         reason = failure_reason(exception)
         error = redact_text(f"{type(exception).__name__}: {exception}")[:2000]
+        self.record(broker, message, reason, error)
+
+    def over_delivered(self, broker: dramatiq.Broker, message: Any, count: int) -> None:
+        """The broker's ``on_over_delivered``: a quorum queue handed ``message`` out ``count``
+        times without an ack (its workers died with it each time); record it, reason
+        ``delivery_limit``."""
+        self.record(
+            broker,
+            message,
+            OVER_DELIVERED,
+            f"delivered {count} times without an ack (RABBITMQ_DELIVERY_LIMIT)",
+        )
+
+    def record(self, broker: dramatiq.Broker, message: Any, reason: str, error: str) -> None:
         kind_of: KindOf | None = _option(broker, message, "dead_letter_kind")
         on_dead: OnDeadLetter | None = _option(broker, message, "on_dead_letter")
         if on_dead is not None:

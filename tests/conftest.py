@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.support.capacity",
     "tests.support.flags",
     "tests.support.tooling",
+    "tests.support.rabbit_cluster",
 ]
 
 

@@ -35,7 +35,9 @@ def _duration(value: str | None) -> timedelta | None:
 QUEUE = typer.Option(None, "--queue", "-q", help="Only this queue (e.g. pending-booking-emails).")
 TYPE = typer.Option(None, "--type", "-t", help="Only this email type (e.g. confirmed).")
 REASON = typer.Option(
-    None, "--reason", help="retries_exhausted, permanent_failure, invalid_payload or unrecorded."
+    None,
+    "--reason",
+    help="retries_exhausted, permanent_failure, delivery_limit, invalid_payload or unrecorded.",
 )
 OLDER = typer.Option(None, "--older-than", help="Dead for at least this long (30m, 2h, 3d).")
 NEWER = typer.Option(None, "--newer-than", help="Dead for at most this long (30m, 2h, 3d).")

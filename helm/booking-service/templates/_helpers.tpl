@@ -88,6 +88,9 @@ FEATURE_POLICY_REQUOTE_ENABLED: {{ $c.features.policyRequoteEnabled | toString |
 EMAIL_MAX_RETRIES: {{ $c.emailMaxRetries | int64 | toString | quote }}
 EMAIL_MIN_BACKOFF_MS: {{ $c.emailMinBackoffMs | int64 | toString | quote }}
 REDIS_HEARTBEAT_TIMEOUT_MS: {{ $c.redisHeartbeatTimeoutMs | int64 | toString | quote }}
+RABBITMQ_QUEUE_TYPE: {{ $c.rabbitmq.queueType | quote }}
+RABBITMQ_DELIVERY_LIMIT: {{ $c.rabbitmq.deliveryLimit | int64 | toString | quote }}
+RABBITMQ_FAILOVER_SECONDS: {{ $c.rabbitmq.failoverSeconds | toString | quote }}
 RECONCILE_GRACE_SECONDS: {{ $c.reconcileGraceSeconds | int64 | toString | quote }}
 HEALTH_FILE: {{ $c.healthFile | quote }}
 FLAG_CACHE_DIR: {{ $c.flagCacheDir | quote }}

@@ -1265,3 +1265,36 @@ def test_readme_documents_every_value() -> None:
     documented = set(re.findall(r"^\| `([^`]+)` \|", readme, flags=re.MULTILINE))
     missing = [path for path in _leaf_paths(chart_values()) if path not in documented]
     assert not missing, f"values missing from the chart README's table: {missing}"
+
+
+def test_rabbitmq_cluster_settings_reach_the_configmap(render: Render) -> None:
+    data = one(render(), "ConfigMap", "-config")["data"]
+    assert data["RABBITMQ_QUEUE_TYPE"] == "classic"
+    assert data["RABBITMQ_DELIVERY_LIMIT"] == "10"
+    assert data["RABBITMQ_FAILOVER_SECONDS"] == "5"
+    docs = render(
+        sets={"config.rabbitmq": {"queueType": "quorum", "deliveryLimit": 20, "failoverSeconds": 8}}
+    )
+    data = one(docs, "ConfigMap", "-config")["data"]
+    assert (
+        data["RABBITMQ_QUEUE_TYPE"],
+        data["RABBITMQ_DELIVERY_LIMIT"],
+        data["RABBITMQ_FAILOVER_SECONDS"],
+    ) == ("quorum", "20", "8")
+    # BROKER_URL (the node list included) stays a Secret reference
+    assert "BROKER_URL" not in data
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        {"config.rabbitmq.queueType": "stream"},
+        {"config.rabbitmq.deliveryLimit": 0},
+        {"config.rabbitmq.failoverSeconds": -1},
+    ],
+    ids=["unknown-queue-type", "zero-delivery-limit", "negative-failover"],
+)
+def test_schema_refuses_bad_rabbitmq_settings(helm: str, sets: dict[str, Any]) -> None:
+    result = helm_template_text(helm, sets=sets)
+    assert result.returncode != 0, f"accepted: {sets}"
+    assert "rabbitmq" in result.stderr
