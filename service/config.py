@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
 )
 
+EMAIL_RENDER_MARGIN_SECONDS = 5.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE_FALSE = ("1", "0", "true", "false", "yes", "no")
 
@@ -66,9 +67,10 @@ class Settings(BaseModel):
     smtp_url: SecretStr | None = Field(None, description="smtp:// or smtps:// URL")
     email_from: str | None = Field(None, description="From address of guest emails")
 
-    smtp_timeout_seconds: float = Field(default=10.0, gt=0)
+    smtp_timeout_seconds: float = Field(default=5.0, gt=0)
     smtp_ca_file: Path | None = None
-    db_pool_max_size: int = Field(default=8, ge=1)
+    db_pool_max_size: int = Field(default=4, ge=1)
+    db_pool_timeout_seconds: float = Field(default=5.0, gt=0)
     migrations_dir: Path | None = None
 
     email_max_retries: int = Field(default=4, ge=0)
@@ -194,6 +196,16 @@ class Settings(BaseModel):
         return tuple(networks)
 
     @property
+    def smtp_conversation_seconds(self) -> float:
+        """The mailer's deadline for one whole send (a reconnect included): two socket timeouts."""
+        return 2 * self.smtp_timeout_seconds
+
+    @property
+    def email_lease_seconds(self) -> float:
+        """How long a worker's claim on an email lasts: the SMTP deadline plus a render margin."""
+        return self.smtp_conversation_seconds + EMAIL_RENDER_MARGIN_SECONDS
+
+    @property
     def broker_kind(self) -> str:
         scheme = urlsplit(self.secret("broker_url")).scheme
         return "rabbitmq" if scheme.startswith("amqp") else "redis"
@@ -223,8 +235,8 @@ class Settings(BaseModel):
 
 SERVICE = ("database_url", "broker_url", "smtp_url", "email_from")
 """What a worker, the relay and the operator CLI need."""
-PRODUCER = ("broker_url",)
-"""What ``send_booking_email.send`` needs to enqueue."""
+PRODUCER = ("broker_url", "database_url")
+"""What ``send_booking_email.send`` needs: it records the request in Postgres, then enqueues."""
 
 
 def _explain(error: ValidationError) -> str:

@@ -49,7 +49,10 @@ def map_error(error: BaseException) -> DatabaseError | None:
     if isinstance(error, _CONFLICTS):
         return DatabaseConflict(f"database conflict: {type(error).__name__}")
     if isinstance(error, PoolTimeout):
-        return DatabaseUnavailable("database unavailable: no connection within the pool timeout")
+        return DatabaseUnavailable(
+            "database unavailable: no pooled connection within DB_POOL_TIMEOUT_SECONDS"
+            " (all DB_POOL_MAX_SIZE connections busy, or Postgres unreachable)"
+        )
     if isinstance(error, psycopg.OperationalError | psycopg.errors.AdminShutdown):
         return DatabaseUnavailable(f"database unavailable: {type(error).__name__}")
     return None
@@ -70,10 +73,13 @@ class Database:
     """One pool per process: a forked child opens its own instead of sharing the parent's
     sockets. Nothing connects until the first transaction."""
 
-    def __init__(self, url: str, max_size: int, *, connect_timeout: float = 5) -> None:
+    def __init__(
+        self, url: str, max_size: int, *, connect_timeout: float = 5, wait_timeout: float = 5
+    ) -> None:
         self.url = url
         self.max_size = max_size
         self.connect_timeout = connect_timeout
+        self.wait_timeout = wait_timeout
         self._lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         self._pid: int | None = None
@@ -88,7 +94,7 @@ class Database:
                     kwargs={"row_factory": dict_row, "connect_timeout": self.connect_timeout},
                     open=False,
                     name="booking",
-                    timeout=10,
+                    timeout=self.wait_timeout,
                 )
                 self._pool.open(wait=False)
                 self._pid = os.getpid()

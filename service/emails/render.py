@@ -52,10 +52,11 @@ def _env() -> jinja2.Environment:
     )
 
 
-def message_id(booking_id: object, email_type: EmailType, sender: str) -> str:
-    """A deterministic Message-ID per (booking, email type), so receivers can de-duplicate."""
+def message_id(booking_id: object, email_type: EmailType, sender: str, revision: int = 1) -> str:
+    """A deterministic Message-ID per (booking, email type, revision), so receivers can drop
+    the copies of the at-least-once window while two updates stay two messages."""
     domain = parseaddr(sender)[1].rpartition("@")[2] or "booking.invalid"
-    return f"<booking-{booking_id}.{email_type.value}@{domain}>"
+    return f"<booking-{booking_id}.{email_type.value}.r{revision}@{domain}>"
 
 
 def calendar_file(booking: BookingView, sender: str) -> bytes:
@@ -109,8 +110,11 @@ def _recipient(booking: BookingView) -> str:
     return formataddr((address.display_name, f"{address.username}@{domain}"), charset="utf-8")
 
 
-def render(booking: BookingView, email_type: EmailType, sender: str, now: datetime) -> Message:
-    """The complete message for ``email_type``; raises UnrenderableBooking on unusable data."""
+def render(
+    booking: BookingView, email_type: EmailType, sender: str, now: datetime, *, revision: int = 1
+) -> Message:
+    """The complete message for ``email_type`` as requested at ``revision`` (the Message-ID's);
+    raises UnrenderableBooking on unusable data."""
     context = {
         "guest_name": booking.guest_name,
         "party_size": booking.party_size,
@@ -137,7 +141,7 @@ def render(booking: BookingView, email_type: EmailType, sender: str, now: dateti
     msg["Subject"] = _header_text(  # type: ignore[assignment]  # a Header is welcome here
         single_line(SUBJECTS[email_type].format(venue=booking.venue_name))[:200]
     )
-    msg["Message-ID"] = message_id(booking.booking_id, email_type, sender)
+    msg["Message-ID"] = message_id(booking.booking_id, email_type, sender, revision)
     msg["Date"] = format_datetime(now)
     msg["Auto-Submitted"] = "auto-generated"
     return msg
