@@ -181,17 +181,32 @@ def _count_dead(message: dramatiq.Message[Any]) -> None:
 
 
 def _on_retry(app: App, message: dramatiq.Message[Any], delay_ms: int) -> None:
-    """Write the retry time Dramatiq chose onto the delivery row."""
-    kwargs = _message_kwargs(message)
-    revision = kwargs.get("revision")
+    """Write the retry time Dramatiq chose onto the request row."""
+    payload = EmailPayload.from_call(message.args, _message_kwargs(message))
     with app.db.transaction() as conn:
         deliveries.schedule_retry(
-            conn,
-            UUID(str(kwargs["booking_id"])),
-            EmailType(kwargs["type"]),
-            int(revision) if revision is not None else None,
-            delay_ms,
+            conn, payload.booking_id, payload.type, payload.revision, delay_ms
         )
+
+
+IN_PROGRESS_RECHECK_SECONDS = 5.0
+"""How often a message whose email another worker is sending looks again, at most."""
+
+
+def _recheck_later(app: App, payload: EmailPayload, error: DeliveryInProgress) -> None:
+    """Another worker holds the lease: look again when it ends (or sooner, for a send that
+    finishes early), as a new message, so that waiting spends none of the retry budget."""
+    message = CurrentMessage.get_current_message()
+    left = error.retry_in_seconds if error.retry_in_seconds is not None else 1.0
+    delay_ms = int(min(left + 0.5, IN_PROGRESS_RECHECK_SECONDS) * 1000)
+    itself = app.broker.get_actor(ACTOR_NAME)
+    options = dict(message.options) if message is not None else {}
+    again = itself.message_with_options(
+        kwargs=payload.as_kwargs(),
+        **{k: v for k, v in options.items() if k == "retries"},
+    )
+    app.broker.enqueue(again, delay=delay_ms)
+    EMAILS.labels(payload.type.value, Action.IN_PROGRESS.value).inc()
 
 
 def deliver_booking_email(app: App, *args: Any, **kwargs: Any) -> None:
@@ -214,6 +229,9 @@ def deliver_booking_email(app: App, *args: Any, **kwargs: Any) -> None:
     try:
         with EMAIL_SEND_SECONDS.labels(payload.type.value).time():
             action = deliver(app.mailroom, payload, attempt)
+    except DeliveryInProgress as error:
+        _recheck_later(app, payload, error)
+        return
     except DeliveryFailed as error:
         will_retry = not error.permanent and not attempt.final
         EMAILS.labels(payload.type.value, "retried" if will_retry else "failed").inc()
@@ -227,11 +245,7 @@ def deliver_booking_email(app: App, *args: Any, **kwargs: Any) -> None:
         )
         if error.permanent:
             raise
-        delay = None
-        if isinstance(error, DeliveryInProgress) and error.retry_in_seconds is not None:
-            delay = int((error.retry_in_seconds + 0.5) * 1000)
-        # retried with backoff (or when the lease ends), without a stack trace
-        raise dramatiq.Retry(str(error), delay=delay) from error
+        raise dramatiq.Retry(str(error)) from error  # retried with backoff, without a stack trace
     EMAILS.labels(payload.type.value, action.value).inc()
     log.debug(
         "email " + action.value,
