@@ -36,7 +36,7 @@ from service.emails.pipeline import (
     deliver,
 )
 from service.emails.requests import record_booking_email
-from service.emails.rules import Action, Attempt, EmailType
+from service.emails.rules import Action, Attempt
 from service.logs import get_logger
 from service.metrics import EMAIL_PRODUCER_DECISIONS, EMAIL_SEND_SECONDS, EMAILS
 

@@ -75,7 +75,7 @@ SELECT r.revision AS request_revision,
        EXISTS (SELECT 1 FROM claimed) AS claimed,
        cur.state AS row_state,
        COALESCE(cur.lease_until > now(), false) AS lease_alive,
-       GREATEST(extract(epoch FROM cur.lease_until - now()), 0)::float AS lease_left,
+       extract(epoch FROM cur.lease_until - clock_timestamp())::float AS lease_left,
        (SELECT max(o.revision) FROM email_deliveries o
          WHERE o.booking_id = %(bid)s AND o.email_type = %(type)s AND o.revision > r.revision
            AND o.state = ANY(%(later)s)) AS later_revision,
@@ -169,7 +169,7 @@ def claim(
         booking=booking,
         request=request,
         later_revision=row["later_revision"],
-        lease_left_seconds=row["lease_left"],
+        lease_left_seconds=None if row["lease_left"] is None else max(row["lease_left"], 0.0),
     )
 
 
