@@ -410,7 +410,10 @@ class Run:
     # -- after the storm --------------------------------------------------------------------
 
     def delivery_states(self) -> dict[tuple[str, str], str]:
-        rows = self.conn.execute("SELECT booking_id, email_type, state FROM email_deliveries")
+        rows = self.conn.execute(
+            "SELECT DISTINCT ON (booking_id, email_type) booking_id, email_type, state"
+            " FROM email_deliveries ORDER BY booking_id, email_type, revision DESC"
+        )
         return {(str(r["booking_id"]), r["email_type"]): r["state"] for r in rows.fetchall()}
 
     def replay_dead_letters(self) -> None:

@@ -337,16 +337,14 @@ def phase_profile(s: Setup, count: int) -> dict[str, Any]:
     originals: dict[tuple[Any, str], Callable[..., Any]] = {
         (module, attr): getattr(module, attr)
         for module, attr in (
-            (deliveries, "load_booking"),
-            (deliveries, "lock_delivery"),
-            (deliveries, "mark"),
+            (deliveries, "claim"),
+            (deliveries, "finish"),
             (pipeline, "render"),
         )
     }
     labels = {
-        "load_booking": "DB: load booking (1 query)",
-        "lock_delivery": "DB: insert + lock idempotency row (2 queries)",
-        "mark": "DB: record sent (1 query)",
+        "claim": "DB: load booking + claim the request row with a lease (1 query)",
+        "finish": "DB: record sent under the lease (1 query)",
         "render": "render (Jinja text + HTML, iCalendar, MIME)",
     }
     smtp_label = "SMTP: serialise + send over the reused connection"

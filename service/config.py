@@ -2,8 +2,8 @@
 
 Every variable is documented in the README's configuration table. ``load_settings`` validates
 everything it is given; each process then calls ``Settings.require`` for the variables its role
-needs, so a producer inside a host application needs only ``BROKER_URL`` while a worker stops at
-start, with one line naming the variable, when any of its settings is missing or malformed.
+needs, so a producer inside a host application needs ``BROKER_URL`` and ``DATABASE_URL`` while
+a worker stops at start, with one line naming the variable, when any of its settings is missing or malformed.
 Error messages never echo a value (URLs carry passwords).
 """
 
