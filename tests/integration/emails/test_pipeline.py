@@ -354,7 +354,7 @@ def test_email_accepted_by_smtp_is_recorded_through_a_postgres_restart(
             target=lambda: outcome.update(first=deliver(room, payload, Attempt(1, False)))
         )
         thread.start()
-        time.sleep(0.5)  # the worker is inside the SMTP conversation, holding the row lock
+        time.sleep(0.5)  # the worker is inside the SMTP conversation, under its lease
         pg_server.stop()
         time.sleep(2.5)  # SMTP accepts the email while Postgres is down
         pg_server.start()
