@@ -487,7 +487,7 @@ def received_ids(sink: SmtpSink) -> Received:
         mid = str(msg.get("Message-ID", "")).strip().strip("<>")
         try:
             local = mid.split("@", 1)[0].removeprefix("booking-")
-            booking, kind = local.split(".", 1)
+            booking, kind = local.split(".", 2)[:2]  # <booking-ID.TYPE.rREVISION@...>
         except ValueError:
             foreign += 1
             continue
