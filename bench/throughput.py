@@ -4,7 +4,7 @@ Three loads, in rotating order each round, on the same servers and machine:
 
 - ``pipeline``: real ``python -m service worker`` processes (production settings: INFO JSON logs,
   Prometheus multiprocess mode) consume ``send_booking_email`` messages; each loads the
-  booking, takes the idempotency row, renders, sends over SMTP and records the delivery.
+  booking and claims the request row, renders, sends over SMTP and records the delivery.
 - ``raw``: a stock Dramatiq no-op actor with the same processes and threads (Dramatiq's ceiling).
 - ``smtp``: the same SMTP server driven by as many plain SMTP clients (processes x threads),
   each sending a pre-rendered booking email (the SMTP server's ceiling).
