@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ class Database:
             if self._pool is None or self._pid != os.getpid():
                 self._pool = ConnectionPool(
                     self.url,
-                    min_size=1,
+                    min_size=self.max_size,  # opened up front: no thread waits for growth
                     max_size=self.max_size,
                     kwargs={"row_factory": dict_row, "connect_timeout": self.connect_timeout},
                     open=False,
@@ -105,6 +105,18 @@ class Database:
         """A connection inside one transaction: committed on success, rolled back on error."""
         with _mapped_errors(), self.pool().connection() as conn, conn.transaction():
             yield conn
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Conn]:
+        """A pooled connection in autocommit mode: each statement is its own transaction, in one
+        round trip (no BEGIN and COMMIT), for work that is a single statement."""
+        with _mapped_errors(), self.pool().connection() as conn:
+            conn.autocommit = True
+            try:
+                yield conn
+            finally:
+                with suppress(psycopg.Error):
+                    conn.autocommit = False
 
     @contextmanager
     def connection(self) -> Iterator[Conn]:

@@ -95,7 +95,7 @@ def _recorded(app: App, payload: EmailPayload) -> EmailPayload:
     (enqueued without a revision; the worker records it when it runs) rather than failing the
     caller."""
     try:
-        with app.db.transaction() as conn:
+        with app.db.autocommit() as conn:
             revision = deliveries.record_request(
                 conn, payload.booking_id, payload.type, payload.revision, payload.scheduled_for
             )

@@ -95,7 +95,7 @@ def deliver(room: Mailroom, payload: EmailPayload, attempt: Attempt) -> Action:
         else after_failure(permanent=failure.permanent, final=attempt.final)
     )
     try:
-        with room.db.transaction() as conn:
+        with room.db.autocommit() as conn:
             deliveries.finish(
                 conn,
                 payload.booking_id,
@@ -119,7 +119,7 @@ def _claim(room: Mailroom, payload: EmailPayload, attempt: Attempt) -> _Claimed 
     """Claim the request row and decide; every outcome but SEND is recorded here."""
     token = uuid.uuid4()
     key = (payload.booking_id, payload.type)
-    with room.db.transaction() as conn:
+    with room.db.autocommit() as conn:  # each statement commits on its own: one round trip
         found = deliveries.claim(
             conn,
             *key,

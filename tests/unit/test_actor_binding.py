@@ -34,6 +34,8 @@ class Unreachable(Database):
         raise DatabaseUnavailable("database unavailable: unit test")
         yield  # pragma: no cover
 
+    autocommit = transaction
+
 
 class StubApp(App):
     """An App whose broker is Dramatiq's in-memory StubBroker with the service's middleware,
