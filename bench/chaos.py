@@ -410,7 +410,10 @@ class Run:
     # -- after the storm --------------------------------------------------------------------
 
     def delivery_states(self) -> dict[tuple[str, str], str]:
-        rows = self.conn.execute("SELECT booking_id, email_type, state FROM email_deliveries")
+        rows = self.conn.execute(
+            "SELECT DISTINCT ON (booking_id, email_type) booking_id, email_type, state"
+            " FROM email_deliveries ORDER BY booking_id, email_type, revision DESC"
+        )
         return {(str(r["booking_id"]), r["email_type"]): r["state"] for r in rows.fetchall()}
 
     def replay_dead_letters(self) -> None:
@@ -484,7 +487,7 @@ def received_ids(sink: SmtpSink) -> Received:
         mid = str(msg.get("Message-ID", "")).strip().strip("<>")
         try:
             local = mid.split("@", 1)[0].removeprefix("booking-")
-            booking, kind = local.split(".", 1)
+            booking, kind = local.split(".", 2)[:2]  # <booking-ID.TYPE.rREVISION@...>
         except ValueError:
             foreign += 1
             continue

@@ -5,7 +5,7 @@ Three loads, in rotating order each round, on the same servers and machine:
 
 - ``pipeline``: real ``python -m service worker`` processes (production settings: INFO JSON logs,
   Prometheus multiprocess mode) consume ``send_booking_email`` messages with every guarantee:
-  load the booking, take the idempotency row, render, send over SMTP, record the delivery.
+  load the booking, claim the request row with a lease, render, send over SMTP, record the delivery.
 - ``plain``: the plain-job baseline (``bench.plain_job``, ``python -m dramatiq
   bench.plain_actors``): stock Dramatiq with the same processes and threads doing the same work
   without those guarantees: select the booking, insert a claim row, build the email with
@@ -455,16 +455,14 @@ def phase_profile(s: Setup, count: int) -> dict[str, Any]:
     originals: dict[tuple[Any, str], Callable[..., Any]] = {
         (module, attr): getattr(module, attr)
         for module, attr in (
-            (deliveries, "load_booking"),
-            (deliveries, "lock_delivery"),
-            (deliveries, "mark"),
+            (deliveries, "claim"),
+            (deliveries, "finish"),
             (pipeline, "render"),
         )
     }
     labels = {
-        "load_booking": "DB: load booking (1 query)",
-        "lock_delivery": "DB: insert + lock idempotency row (2 queries)",
-        "mark": "DB: record sent (1 query)",
+        "claim": "DB: load booking + claim the request row with a lease (1 query)",
+        "finish": "DB: record sent under the lease (1 query)",
         "render": "render to wire bytes (Jinja text + HTML, iCalendar, MIME)",
     }
     smtp_label = "SMTP: send the bytes over the reused connection"

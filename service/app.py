@@ -6,8 +6,9 @@ component is built the first time the process asks for it, and ``for_worker`` / 
 check the settings the role needs up front, so a misconfigured process stops at start.
 
 A producer inside a host application uses ``App.for_producer``: a private broker (the host's
-global Dramatiq broker is left alone) that needs only ``BROKER_URL``; the database and SMTP
-settings are needed only when the immediate-send fallback runs.
+global Dramatiq broker is left alone) and the database (``BROKER_URL`` and ``DATABASE_URL``:
+each request is recorded before it is enqueued); the SMTP settings are needed only when the
+immediate-send fallback runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Generic, TypeVar, overload
 
 import dramatiq
 
-from service.broker import build_broker, build_middleware
+from service.broker import BROKER_ERRORS, build_broker, build_middleware
 from service.capacity.audit import InvalidHoldsSource
 from service.capacity.notifications import (
     HOLD_RELEASED_IRREPARABLE,
@@ -30,15 +31,16 @@ from service.capacity.notifications import (
 from service.config import PRODUCER, SERVICE, Settings, load_settings
 from service.db import Database
 from service.deadletters import DeadLetterRecorder, UndecodableRecorder
-from service.emails.models import utcnow
+from service.emails.models import ACTOR_NAME, QUEUE, EmailPayload, utcnow
 from service.emails.pipeline import Mailroom
+from service.emails.requests import EMAIL_REQUESTED, EmailRequestHandler
 from service.flags import Flags
 from service.flags.middleware import FlagsMiddleware
 from service.logs import configure
 from service.observability.collectors import Source, build_sources
 from service.observability.exposition import run_worker_exposition
 from service.observability.middleware import DramatiqMetrics, WorkerHeartbeat
-from service.outbox.delivery import AdminNotificationHandler, Handler, Postbox
+from service.outbox.delivery import AdminNotificationHandler, DeliveryError, Handler, Postbox
 from service.smtp import Mailer
 
 T = TypeVar("T")
@@ -94,7 +96,11 @@ class App:
 
     @part
     def db(self) -> Database:
-        return Database(self.settings.secret("database_url"), self.settings.db_pool_max_size)
+        return Database(
+            self.settings.secret("database_url"),
+            self.settings.db_pool_max_size,
+            wait_timeout=self.settings.db_pool_timeout_seconds,
+        )
 
     @part
     def mailer(self) -> Mailer:
@@ -108,6 +114,7 @@ class App:
             send=self.mailer.send,
             sender=self.settings.sender,
             sent_record_deadline_seconds=self.settings.sent_record_deadline_seconds,
+            lease_seconds=self.settings.email_lease_seconds,
             clock=self.clock,
         )
 
@@ -144,7 +151,19 @@ class App:
             HOLD_RELEASED_IRREPARABLE: AdminNotificationHandler(
                 format_irreparable_hold_release, postbox
             ),
+            EMAIL_REQUESTED: EmailRequestHandler(self.enqueue_email),
         }
+
+    def enqueue_email(self, payload: EmailPayload) -> None:
+        """Put a booking email on its queue (delayed until ``scheduled_for``), as the actor's
+        producer would, without declaring the actor in this process."""
+        message: dramatiq.Message[object] = dramatiq.Message(
+            queue_name=QUEUE, actor_name=ACTOR_NAME, args=(), kwargs=payload.as_kwargs(), options={}
+        )
+        try:
+            self.broker.enqueue(message, delay=payload.delay_ms(self.clock()))
+        except BROKER_ERRORS as error:
+            raise DeliveryError(f"broker unreachable: {type(error).__name__}") from error
 
     def scrape_sources(self, *, queues: bool) -> list[Source]:
         """What this pod's ``/metrics`` reads at scrape time; features register theirs here."""

@@ -2,8 +2,8 @@
 
 Every variable is documented in the README's configuration table. ``load_settings`` validates
 everything it is given; each process then calls ``Settings.require`` for the variables its role
-needs, so a producer inside a host application needs only ``BROKER_URL`` while a worker stops at
-start, with one line naming the variable, when any of its settings is missing or malformed.
+needs, so a producer inside a host application needs ``BROKER_URL`` and ``DATABASE_URL`` while
+a worker stops at start, with one line naming the variable, when any of its settings is missing or malformed.
 Error messages never echo a value (URLs carry passwords).
 """
 
@@ -29,6 +29,8 @@ from pydantic import (
 )
 
 from service.redis_urls import DIRECT_SCHEMES, SENTINEL_SCHEMES, parse_redis_url
+
+EMAIL_RENDER_MARGIN_SECONDS = 5.0
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE_FALSE = ("1", "0", "true", "false", "yes", "no")
@@ -91,9 +93,10 @@ class Settings(BaseModel):
     smtp_url: SecretStr | None = Field(None, description="smtp:// or smtps:// URL")
     email_from: str | None = Field(None, description="From address of guest emails")
 
-    smtp_timeout_seconds: float = Field(default=10.0, gt=0)
+    smtp_timeout_seconds: float = Field(default=5.0, gt=0)
     smtp_ca_file: Path | None = None
-    db_pool_max_size: int = Field(default=8, ge=1)
+    db_pool_max_size: int = Field(default=4, ge=1)
+    db_pool_timeout_seconds: float = Field(default=5.0, gt=0)
     migrations_dir: Path | None = None
 
     email_max_retries: int = Field(default=4, ge=0)
@@ -237,6 +240,16 @@ class Settings(BaseModel):
         return amqp_node_urls(url) if self.broker_kind == "rabbitmq" else [url]
 
     @property
+    def smtp_conversation_seconds(self) -> float:
+        """The mailer's deadline for one whole send (a reconnect included): two socket timeouts."""
+        return 2 * self.smtp_timeout_seconds
+
+    @property
+    def email_lease_seconds(self) -> float:
+        """How long a worker's claim on an email lasts: the SMTP deadline plus a render margin."""
+        return self.smtp_conversation_seconds + EMAIL_RENDER_MARGIN_SECONDS
+
+    @property
     def broker_kind(self) -> str:
         scheme = urlsplit(self.secret("broker_url")).scheme
         return "rabbitmq" if scheme.startswith("amqp") else "redis"
@@ -266,8 +279,8 @@ class Settings(BaseModel):
 
 SERVICE = ("database_url", "broker_url", "smtp_url", "email_from")
 """What a worker, the relay and the operator CLI need."""
-PRODUCER = ("broker_url",)
-"""What ``send_booking_email.send`` needs to enqueue."""
+PRODUCER = ("broker_url", "database_url")
+"""What ``send_booking_email.send`` needs: it records the request in Postgres, then enqueues."""
 
 
 def _explain(error: ValidationError) -> str:

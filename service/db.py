@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,10 @@ def map_error(error: BaseException) -> DatabaseError | None:
     if isinstance(error, _CONFLICTS):
         return DatabaseConflict(f"database conflict: {type(error).__name__}")
     if isinstance(error, PoolTimeout):
-        return DatabaseUnavailable("database unavailable: no connection within the pool timeout")
+        return DatabaseUnavailable(
+            "database unavailable: no pooled connection within DB_POOL_TIMEOUT_SECONDS"
+            " (all DB_POOL_MAX_SIZE connections busy, or Postgres unreachable)"
+        )
     if isinstance(error, psycopg.OperationalError | psycopg.errors.AdminShutdown):
         return DatabaseUnavailable(f"database unavailable: {type(error).__name__}")
     return None
@@ -70,10 +73,13 @@ class Database:
     """One pool per process: a forked child opens its own instead of sharing the parent's
     sockets. Nothing connects until the first transaction."""
 
-    def __init__(self, url: str, max_size: int, *, connect_timeout: float = 5) -> None:
+    def __init__(
+        self, url: str, max_size: int, *, connect_timeout: float = 5, wait_timeout: float = 5
+    ) -> None:
         self.url = url
         self.max_size = max_size
         self.connect_timeout = connect_timeout
+        self.wait_timeout = wait_timeout
         self._lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         self._pid: int | None = None
@@ -83,12 +89,12 @@ class Database:
             if self._pool is None or self._pid != os.getpid():
                 self._pool = ConnectionPool(
                     self.url,
-                    min_size=1,
+                    min_size=self.max_size,  # opened up front: no thread waits for growth
                     max_size=self.max_size,
                     kwargs={"row_factory": dict_row, "connect_timeout": self.connect_timeout},
                     open=False,
                     name="booking",
-                    timeout=10,
+                    timeout=self.wait_timeout,
                 )
                 self._pool.open(wait=False)
                 self._pid = os.getpid()
@@ -99,6 +105,18 @@ class Database:
         """A connection inside one transaction: committed on success, rolled back on error."""
         with _mapped_errors(), self.pool().connection() as conn, conn.transaction():
             yield conn
+
+    @contextmanager
+    def autocommit(self) -> Iterator[Conn]:
+        """A pooled connection in autocommit mode: each statement is its own transaction, in one
+        round trip (no BEGIN and COMMIT), for work that is a single statement."""
+        with _mapped_errors(), self.pool().connection() as conn:
+            conn.autocommit = True
+            try:
+                yield conn
+            finally:
+                with suppress(psycopg.Error):
+                    conn.autocommit = False
 
     @contextmanager
     def connection(self) -> Iterator[Conn]:

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 EMAILS = Counter(
     "booking_emails_total",
     "Booking emails by type and outcome "
-    "(sent, sent_immediate, skipped, duplicate, retried, failed, dead).",
+    "(sent, sent_immediate, skipped, duplicate, superseded, in_progress, retried, failed, dead).",
     ["type", "outcome"],
 )
 EMAIL_SEND_SECONDS = Histogram(
@@ -28,7 +28,7 @@ EMAIL_SEND_SECONDS = Histogram(
 EMAIL_PRODUCER_DECISIONS = Counter(
     "booking_email_producer_decisions_total",
     "What send_booking_email.send() did: queued, immediate_flag_off, immediate_broker_down, "
-    "recorded_pending.",
+    "recorded_pending; unrecorded: sent on without a request row (Postgres unreachable).",
     ["decision"],
 )
 REENQUEUE_FAILURES = Counter(

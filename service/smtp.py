@@ -18,11 +18,12 @@ import os
 import smtplib
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from email.utils import getaddresses
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from service.config import Settings
@@ -179,25 +180,78 @@ def _warn_credentials_in_clear(target: SmtpTarget) -> None:
     )
 
 
-class SmtpTransport:
-    """Sends through one persistent connection, reconnecting once when the server dropped it."""
+class _Deadline:
+    """Bounds a whole SMTP conversation, not just each socket operation: before every command
+    and every reply the socket timeout is cut to what is left of the deadline, so that a slow
+    server cannot stretch a send past the lease the email pipeline holds for it."""
 
-    def __init__(self, target: SmtpTarget, timeout: float, ca_file: str | None = None) -> None:
+    deadline: float | None = None
+    timeout: float
+    sock: Any
+
+    def arm(self, seconds: float | None) -> None:
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def _cut(self) -> None:
+        if self.deadline is None or self.sock is None:
+            return
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("SMTP conversation deadline passed")
+        self.sock.settimeout(min(self.timeout, left))
+
+    def send(self, s: Any) -> None:
+        self._cut()
+        super().send(s)  # type: ignore[misc]
+
+    def getreply(self) -> tuple[int, bytes]:
+        self._cut()
+        reply: tuple[int, bytes] = super().getreply()  # type: ignore[misc]
+        return reply
+
+
+class _SMTP(_Deadline, smtplib.SMTP):
+    pass
+
+
+class _SMTP_SSL(_Deadline, smtplib.SMTP_SSL):
+    pass
+
+
+class SmtpTransport:
+    """Sends through one persistent connection, reconnecting once when the server dropped it;
+    one send, reconnect included, lasts at most ``deadline`` seconds when given."""
+
+    def __init__(
+        self,
+        target: SmtpTarget,
+        timeout: float,
+        ca_file: str | None = None,
+        deadline: float | None = None,
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self.ca_file = ca_file
-        self._conn: smtplib.SMTP | None = None
+        self.deadline = deadline
+        self._conn: _SMTP | _SMTP_SSL | None = None
 
     def _tls(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.ca_file)
 
-    def _connect(self) -> smtplib.SMTP:
+    def _connect(self, ends: float | None) -> _SMTP | _SMTP_SSL:
         t = self.target
-        conn: smtplib.SMTP
+        timeout = self.timeout
+        if ends is not None:
+            timeout = min(timeout, ends - time.monotonic())
+            if timeout <= 0:
+                raise TimeoutError("SMTP conversation deadline passed")
+        conn: _SMTP | _SMTP_SSL
         if t.implicit_tls:
-            conn = smtplib.SMTP_SSL(t.host, t.port, timeout=self.timeout, context=self._tls())
+            conn = _SMTP_SSL(t.host, t.port, timeout=timeout, context=self._tls())
         else:
-            conn = smtplib.SMTP(t.host, t.port, timeout=self.timeout)
+            conn = _SMTP(t.host, t.port, timeout=timeout)
+        conn.timeout = self.timeout
+        conn.deadline = ends
         try:
             if t.starttls:
                 conn.starttls(context=self._tls())
@@ -254,11 +308,14 @@ class SmtpTransport:
         self, transfer: Callable[[smtplib.SMTP], Mapping[str, tuple[int, bytes]]]
     ) -> dict[str, Refusal]:
         """Run one message transfer on the connection (reconnecting once when the server had
-        dropped it) and classify what went wrong."""
+        dropped it) and classify what went wrong. The whole transfer, connecting included, ends
+        within ``deadline`` seconds when one is set."""
+        ends = None if self.deadline is None else time.monotonic() + self.deadline
         for attempt in (1, 2):
             try:
                 if self._conn is None:
-                    self._conn = self._connect()
+                    self._conn = self._connect(ends)
+                self._conn.deadline = ends
                 refused = transfer(self._conn)
             except smtplib.SMTPRecipientsRefused as error:
                 result = _refusals(error.recipients)
@@ -279,6 +336,7 @@ class SmtpTransport:
                     self.close()
                 raise _classify(error) from error
             else:
+                self._conn.deadline = None
                 clear_unready(UNREADY_KEY)
                 return _refusals(refused)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -321,10 +379,17 @@ class Mailer:
     """One SMTP transport per thread (smtplib connections are not thread-safe), built from a
     target parsed once when the process starts."""
 
-    def __init__(self, target: SmtpTarget, timeout: float, ca_file: str | None = None) -> None:
+    def __init__(
+        self,
+        target: SmtpTarget,
+        timeout: float,
+        ca_file: str | None = None,
+        deadline: float | None = None,
+    ) -> None:
         self.target = target
         self.timeout = timeout
         self.ca_file = ca_file
+        self.deadline = deadline
         self._local = threading.local()
         self._lock = threading.Lock()
         self._all: list[SmtpTransport] = []
@@ -334,14 +399,16 @@ class Mailer:
     def from_settings(cls, settings: Settings) -> Mailer:
         target = SmtpTarget.from_url(settings.secret("smtp_url"))
         ca_file = str(settings.smtp_ca_file) if settings.smtp_ca_file else None
-        return cls(target, settings.smtp_timeout_seconds, ca_file)
+        return cls(
+            target, settings.smtp_timeout_seconds, ca_file, settings.smtp_conversation_seconds
+        )
 
     def transport(self) -> SmtpTransport:
         if self._pid != os.getpid():  # forked: never share the parent's SMTP sockets
             self._local, self._all, self._pid = threading.local(), [], os.getpid()
         transport: SmtpTransport | None = getattr(self._local, "transport", None)
         if transport is None:
-            transport = SmtpTransport(self.target, self.timeout, self.ca_file)
+            transport = SmtpTransport(self.target, self.timeout, self.ca_file, self.deadline)
             self._local.transport = transport
             with self._lock:
                 self._all.append(transport)

@@ -1,11 +1,13 @@
 """The booking-email actor and the producer behaviour behind ``send_booking_email.send``.
 
 The booking service calls ``send_booking_email.send(booking_id, type, scheduled_for=None)``
-(optionally with ``venue_id=`` for a per-venue rollout of the queue flag) and nothing else.
-Behind that call the ``email-queue-enabled`` flag chooses the queue or an immediate in-process
-send; an unreachable broker also falls back to sending at once, and if that fails too the
-delivery row stays pending for the reconciler. Importing this module builds nothing: see
-``service.actors.binding``.
+(optionally with ``venue_id=`` for a per-venue rollout of the queue flag), or
+``send_booking_email.send_in(conn, booking_id, type, scheduled_for=None)`` inside its own
+transaction. ``send`` records the request in Postgres (at the booking's current revision)
+before anything else, so the reconciler can always recover it; then the
+``email-queue-enabled`` flag chooses the queue or an immediate in-process send; an unreachable
+broker also falls back to sending at once, and if that fails too the request row stays pending
+for the reconciler. Importing this module builds nothing: see ``service.actors.binding``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from uuid import UUID
 
 import dramatiq
+import psycopg
 from dramatiq.middleware import CurrentMessage
 
 from service.actors.binding import AppActor, DeferredActor
@@ -24,19 +27,20 @@ from service.broker import BROKER_ERRORS
 from service.config import ConfigError
 from service.db import DatabaseError
 from service.emails import deliveries
-from service.emails.models import EmailPayload, InvalidPayload
+from service.emails.models import ACTOR_NAME, QUEUE, EmailPayload, InvalidPayload
 from service.emails.pipeline import (
     DeliveryFailed,
+    DeliveryInProgress,
     PermanentDeliveryFailure,
     RetryableDeliveryFailure,
     deliver,
 )
-from service.emails.rules import Action, Attempt, EmailType
+from service.emails.requests import record_booking_email
+from service.emails.rules import Action, Attempt
 from service.logs import get_logger
 from service.metrics import EMAIL_PRODUCER_DECISIONS, EMAIL_SEND_SECONDS, EMAILS
 
-QUEUE = "pending-booking-emails"
-ACTOR_NAME = "send_booking_email"
+__all__ = ["ACTOR_NAME", "QUEUE", "EmailNotAccepted", "record_booking_email", "send_booking_email"]
 log = get_logger(__name__)
 
 
@@ -59,7 +63,7 @@ class BookingEmailActor(AppActor):
     ) -> dramatiq.Message[Any]:
         call = dict(kwargs or {})
         venue_id = call.pop("venue_id", None)
-        payload = EmailPayload.from_call(args, call)
+        payload = _recorded(self.app, EmailPayload.from_call(args, call))
         message = self.message_with_options(kwargs=payload.as_kwargs(), **options)
         if isinstance(delay, timedelta):
             delay = int(delay.total_seconds() * 1000)
@@ -83,6 +87,28 @@ class BookingEmailActor(AppActor):
             decision = "immediate_flag_off"
         send_now(self.app, payload, decision)
         return message
+
+
+def _recorded(app: App, payload: EmailPayload) -> EmailPayload:
+    """Record the request (pending, at the booking's current revision unless the payload names
+    one) and return the payload with its revision. Postgres unreachable: the email is kept
+    (enqueued without a revision; the worker records it when it runs) rather than failing the
+    caller."""
+    try:
+        with app.db.autocommit() as conn:
+            revision = deliveries.record_request(
+                conn, payload.booking_id, payload.type, payload.revision, payload.scheduled_for
+            )
+    except DatabaseError as error:
+        log.warning(
+            "database unreachable; email sent on without a request record",
+            booking_id=str(payload.booking_id),
+            email_type=payload.type.value,
+            error=str(error),
+        )
+        EMAIL_PRODUCER_DECISIONS.labels("unrecorded").inc()
+        return payload
+    return payload.at_revision(revision)
 
 
 def send_now(app: App, payload: EmailPayload, decision: str) -> None:
@@ -127,8 +153,11 @@ def send_now(app: App, payload: EmailPayload, decision: str) -> None:
 def _record_pending(app: App, payload: EmailPayload, error: str, due: datetime | None) -> None:
     try:
         with app.db.transaction() as conn:
+            revision = deliveries.record_request(
+                conn, payload.booking_id, payload.type, payload.revision, payload.scheduled_for
+            )
             deliveries.record_outside_send(
-                conn, payload.booking_id, payload.type, "pending", error, due
+                conn, payload.booking_id, payload.type, revision, "pending", error, due
             )
     except DatabaseError as db_error:
         log.error("email could not be queued, sent or recorded", booking_id=str(payload.booking_id))
@@ -152,19 +181,41 @@ def _count_dead(message: dramatiq.Message[Any]) -> None:
 
 
 def _on_retry(app: App, message: dramatiq.Message[Any], delay_ms: int) -> None:
-    """Write the retry time Dramatiq chose onto the delivery row."""
-    kwargs = _message_kwargs(message)
+    """Write the retry time Dramatiq chose onto the request row."""
+    payload = EmailPayload.from_call(message.args, _message_kwargs(message))
     with app.db.transaction() as conn:
         deliveries.schedule_retry(
-            conn, UUID(str(kwargs["booking_id"])), EmailType(kwargs["type"]), delay_ms
+            conn, payload.booking_id, payload.type, payload.revision, delay_ms
         )
+
+
+IN_PROGRESS_RECHECK_SECONDS = 5.0
+"""How often a message whose email another worker is sending looks again, at most."""
+
+
+def _recheck_later(app: App, payload: EmailPayload, error: DeliveryInProgress) -> None:
+    """Another worker holds the lease: look again when it ends (or sooner, for a send that
+    finishes early), as a new message, so that waiting spends none of the retry budget."""
+    message = CurrentMessage.get_current_message()
+    left = error.retry_in_seconds if error.retry_in_seconds is not None else 1.0
+    delay_ms = int(min(left + 0.5, IN_PROGRESS_RECHECK_SECONDS) * 1000)
+    itself = app.broker.get_actor(ACTOR_NAME)
+    options = dict(message.options) if message is not None else {}
+    again = itself.message_with_options(
+        kwargs=payload.as_kwargs(),
+        **{k: v for k, v in options.items() if k == "retries"},
+    )
+    app.broker.enqueue(again, delay=delay_ms)
+    EMAILS.labels(payload.type.value, Action.IN_PROGRESS.value).inc()
 
 
 def deliver_booking_email(app: App, *args: Any, **kwargs: Any) -> None:
     """Worker side: validate, then deliver; transient failures raise so that Dramatiq retries.
 
-    Takes ``(booking_id, type, scheduled_for=None)``; the catch-all signature makes any other
-    shape an InvalidPayload (dead-lettered at once) rather than a TypeError (retried).
+    Takes ``(booking_id, type, scheduled_for=None, revision=None)``; the catch-all signature
+    makes any other shape an InvalidPayload (dead-lettered at once) rather than a TypeError
+    (retried). A redelivery that finds another worker's live lease is retried when that lease
+    ends, not after the usual backoff.
     """
     payload = EmailPayload.from_call(args, kwargs)
     message = CurrentMessage.get_current_message()
@@ -178,6 +229,9 @@ def deliver_booking_email(app: App, *args: Any, **kwargs: Any) -> None:
     try:
         with EMAIL_SEND_SECONDS.labels(payload.type.value).time():
             action = deliver(app.mailroom, payload, attempt)
+    except DeliveryInProgress as error:
+        _recheck_later(app, payload, error)
+        return
     except DeliveryFailed as error:
         will_retry = not error.permanent and not attempt.final
         EMAILS.labels(payload.type.value, "retried" if will_retry else "failed").inc()
@@ -211,7 +265,23 @@ def _options(app: App) -> dict[str, Any]:
     }
 
 
-send_booking_email = DeferredActor(
+class BookingEmailDeclaration(DeferredActor):
+    """The declaration, plus the transactional form, which needs no broker."""
+
+    def send_in(
+        self,
+        conn: psycopg.Connection[Any],
+        booking_id: UUID | str,
+        email_type: str,
+        scheduled_for: datetime | str | None = None,
+    ) -> int:
+        """Record the email in ``conn``'s transaction (request row and outbox event); the outbox
+        relay enqueues it after the commit, and a rollback leaves nothing. Returns the booking
+        revision it is about."""
+        return record_booking_email(conn, booking_id, email_type, scheduled_for)
+
+
+send_booking_email = BookingEmailDeclaration(
     deliver_booking_email,
     actor_name=ACTOR_NAME,
     queue_name=QUEUE,

@@ -4,8 +4,10 @@ Every dead letter is recorded in ``dead_letters`` (service.deadletters) and kept
 for 7 days. A selection merges both: a record whose broker copy expired is still listed and
 replayed from Postgres; a broker copy that was never recorded (Postgres was down) is listed as
 ``unrecorded``. Replay re-sends the message through its actor (``send_with_options``) with a
-fresh retry budget, so the email kill-switch and payload validation apply and a replayed email
-that was already sent is recorded as a duplicate, not sent again.
+fresh retry budget, so the email kill-switch and payload validation apply, and the message keeps
+its arguments: a booking email keeps its revision, so a replayed email that was already sent is
+recorded as a duplicate, not sent again (a letter from before revisions is about the booking's
+current revision).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.emails.rules import EmailType
 from service.resilience import InvalidMessage
@@ -19,12 +19,21 @@ class InvalidPayload(InvalidMessage):
     """The message can never be processed: not retried, dead-lettered with this error."""
 
 
+QUEUE = "pending-booking-emails"
+ACTOR_NAME = "send_booking_email"
+
+
 class EmailPayload(BaseModel):
+    """One email request. ``revision`` is the booking revision the request is about; a message
+    without one (old producers, messages from before revisions) means the booking's current
+    revision; 0 means the booking was not visible when the request was recorded."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     booking_id: UUID
     type: EmailType
     scheduled_for: datetime | None = None
+    revision: int | None = Field(default=None, ge=0)
 
     @field_validator("scheduled_for")
     @classmethod
@@ -38,7 +47,7 @@ class EmailPayload(BaseModel):
     @classmethod
     def from_call(cls, args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> EmailPayload:
         """Validate an actor call's arguments, raising InvalidPayload with every problem listed."""
-        names = ("booking_id", "type", "scheduled_for")
+        names = ("booking_id", "type", "scheduled_for")  # revision only by keyword
         if len(args) > len(names):
             raise InvalidPayload(f"send_booking_email takes at most 3 arguments, got {len(args)}")
         data: dict[str, Any] = dict(zip(names, args, strict=False))
@@ -55,11 +64,16 @@ class EmailPayload(BaseModel):
             )
             raise InvalidPayload(f"invalid booking email payload: {problems}") from None
 
-    def as_kwargs(self) -> dict[str, str]:
-        out = {"booking_id": str(self.booking_id), "type": self.type.value}
+    def as_kwargs(self) -> dict[str, str | int]:
+        out: dict[str, str | int] = {"booking_id": str(self.booking_id), "type": self.type.value}
         if self.scheduled_for is not None:
             out["scheduled_for"] = self.scheduled_for.isoformat()
+        if self.revision is not None:
+            out["revision"] = self.revision
         return out
+
+    def at_revision(self, revision: int) -> EmailPayload:
+        return self.model_copy(update={"revision": revision})
 
     def delay_ms(self, now: datetime) -> int | None:
         """Milliseconds until ``scheduled_for``; None when it is absent or already past."""
@@ -81,6 +95,7 @@ class BookingView:
     notes: str | None
     venue_name: str
     venue_timezone: str
+    revision: int = 1
 
     def local_start(self) -> datetime:
         return self.starts_at.astimezone(ZoneInfo(self.venue_timezone))

@@ -1,22 +1,24 @@
-"""Deliver one booking email exactly once: the service behind the actor and the immediate-send
+"""Deliver one booking email request once: the service behind the actor and the immediate-send
 fallback. It loads, asks the pure decisions in ``service.emails.rules``, and writes.
 
-The (booking, type) row in ``email_deliveries`` is locked for the whole send, so two workers
-holding redeliveries of one message cannot both send it, and a row already ``sent`` or
-``skipped`` turns any later redelivery or replay into a no-op.
+Claim, send, mark: one short statement loads the booking and claims the request row
+(booking, type, revision) with a lease; the SMTP conversation then runs with no database
+connection checked out; one short statement records the outcome while the lease is still ours.
+A redelivery that finds a live lease backs off (``DeliveryInProgress``); one that finds the
+lease ran out (the worker died) claims the row again. The mailer's deadline is shorter than the
+lease, so a live worker never shares an email with another.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-import psycopg
-
 from service.db import Database, DatabaseError
 from service.emails import deliveries
-from service.emails.models import EmailPayload
+from service.emails.models import BookingView, EmailPayload
 from service.emails.render import RenderedEmail, UnrenderableBooking, message_id, render
 from service.emails.rules import Action, Attempt, after_failure, before_send
 from service.resilience import PermanentError, ServiceError, TransientError, keep_trying
@@ -36,99 +38,143 @@ class PermanentDeliveryFailure(DeliveryFailed, PermanentError):
 
 
 class DeliveryInProgress(RetryableDeliveryFailure):
-    """Another worker holds this email's row right now (it is sending a redelivery)."""
+    """Another worker holds this email's lease right now (it is sending a redelivery);
+    ``retry_in_seconds`` is when that lease ends."""
+
+    def __init__(self, message: str, retry_in_seconds: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_in_seconds = retry_in_seconds
 
 
 @dataclass(frozen=True)
 class Mailroom:
-    """What delivering an email needs, built by the composition root."""
+    """What delivering an email needs, built by the composition root. ``lease_seconds`` must
+    exceed the mailer's deadline for one conversation plus the time to render."""
 
     db: Database
     send: Callable[[RenderedEmail], None]
     sender: str
     sent_record_deadline_seconds: float
     clock: Callable[[], datetime]
+    lease_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    booking: BookingView
+    revision: int
+    token: uuid.UUID
 
 
 def deliver(room: Mailroom, payload: EmailPayload, attempt: Attempt) -> Action:
-    """Send ``payload``'s email if the booking still calls for it and it was not sent before;
-    returns what was done (SEND means sent). Raises DeliveryFailed when the attempt failed.
+    """Send ``payload``'s email if the booking still calls for it, it was not sent before and no
+    later request of its type supersedes it; returns what was done (SEND means sent). Raises
+    DeliveryFailed when the attempt failed (DeliveryInProgress: another worker holds it).
 
-    Every attempt leaves the delivery row saying what happened (sent, skipped, retrying, or dead
-    with the final error), so nothing depends on the broker.
+    Every attempt leaves the request row saying what happened (sent, skipped, superseded,
+    retrying, or dead with the final error), so nothing depends on the broker.
     """
     now = room.clock()
-    mid = message_id(payload.booking_id, payload.type, room.sender)
+    claimed = _claim(room, payload, attempt)
+    if isinstance(claimed, Action):
+        return claimed
+    b, revision, token = claimed.booking, claimed.revision, claimed.token
+    mid = message_id(payload.booking_id, payload.type, room.sender, revision)
     failure: DeliveryFailed | None = None
-    handed_over = False
+    try:  # no database connection is checked out here
+        room.send(render(b, payload.type, room.sender, now, revision=revision))
+    except UnrenderableBooking as error:
+        failure = PermanentDeliveryFailure(str(error))
+    except SmtpError as error:
+        kind = PermanentDeliveryFailure if error.permanent else RetryableDeliveryFailure
+        failure = kind(str(error))
+    state = (
+        "sent"
+        if failure is None
+        else after_failure(permanent=failure.permanent, final=attempt.final)
+    )
     try:
-        with room.db.transaction() as conn:
-            booking = deliveries.load_booking(conn, payload.booking_id)
-            row_state = None
-            if booking is not None:
-                try:
-                    row_state = deliveries.lock_delivery(conn, payload.booking_id, payload.type)
-                except psycopg.errors.LockNotAvailable:
-                    raise DeliveryInProgress("another worker is sending this email now") from None
-            verdict = before_send(payload.type, booking.status if booking else None, row_state)
-            if verdict.action is Action.DUPLICATE:
-                return Action.DUPLICATE
-            if verdict.action is Action.SKIP:
-                deliveries.mark(
-                    conn,
-                    payload.booking_id,
-                    payload.type,
-                    "skipped",
-                    attempted=False,
-                    skip_reason=verdict.reason,
-                )
-                return Action.SKIP
-            if booking is None:
-                deliveries.record_outside_send(
-                    conn,
-                    payload.booking_id,
-                    payload.type,
-                    after_failure(permanent=False, final=attempt.final),
-                    "booking not found",
-                    None,
-                )
-                failure = RetryableDeliveryFailure(verdict.reason or "booking not found")
-            else:
-                try:
-                    room.send(render(booking, payload.type, room.sender, now))
-                    handed_over = True
-                except UnrenderableBooking as error:
-                    failure = PermanentDeliveryFailure(str(error))
-                except SmtpError as error:
-                    kind = PermanentDeliveryFailure if error.permanent else RetryableDeliveryFailure
-                    failure = kind(str(error))
-                deliveries.mark(
-                    conn,
-                    payload.booking_id,
-                    payload.type,
-                    "sent"
-                    if failure is None
-                    else after_failure(permanent=failure.permanent, final=attempt.final),
-                    attempted=True,
-                    message_id=mid if failure is None else None,
-                    error=None if failure is None else str(failure),
-                )
+        with room.db.autocommit() as conn:
+            deliveries.finish(
+                conn,
+                payload.booking_id,
+                payload.type,
+                revision,
+                token,
+                state,
+                message_id=mid if failure is None else None,
+                error=None if failure is None else str(failure),
+            )
     except DatabaseError:
-        if not handed_over:
-            raise
-        _record_sent_through_outage(room, payload, mid)
+        if failure is not None:
+            raise failure from None  # the lease runs out and the retry claims the row again
+        _record_sent_through_outage(room, payload, revision, token, mid)
     if failure is not None:
         raise failure
     return Action.SEND
 
 
-def _record_sent_through_outage(room: Mailroom, payload: EmailPayload, mid: str) -> None:
-    """The SMTP server took the email but Postgres went away before our commit: keep trying to
+def _claim(room: Mailroom, payload: EmailPayload, attempt: Attempt) -> _Claimed | Action:
+    """Claim the request row and decide; every outcome but SEND is recorded here."""
+    token = uuid.uuid4()
+    key = (payload.booking_id, payload.type)
+    with room.db.autocommit() as conn:  # each statement commits on its own: one round trip
+        found = deliveries.claim(
+            conn,
+            *key,
+            payload.revision,
+            payload.scheduled_for,
+            token=token,
+            lease_seconds=room.lease_seconds,
+        )
+        revision = found.request.revision
+        verdict = before_send(found.booking_state, found.request, found.later_revision)
+        if payload.revision == 0 and revision > 0 and found.request.claimed:
+            deliveries.close_unseen(conn, *key, revision)
+        if verdict.action is Action.DUPLICATE:
+            return Action.DUPLICATE
+        if verdict.action is Action.IN_PROGRESS:
+            raise DeliveryInProgress(
+                "another worker is sending this email now", found.lease_left_seconds
+            )
+        if verdict.action in (Action.SKIP, Action.SUPERSEDED):
+            deliveries.finish(
+                conn,
+                *key,
+                revision,
+                token,
+                verdict.action.value,
+                attempted=False,
+                skip_reason=verdict.reason,
+                superseded_by=verdict.superseded_by,
+            )
+            return verdict.action
+        if found.booking is None:
+            deliveries.finish(
+                conn,
+                *key,
+                revision,
+                token,
+                after_failure(permanent=False, final=attempt.final),
+                error="booking not found",
+            )
+            failure = RetryableDeliveryFailure(verdict.reason or "booking not found")
+        else:
+            return _Claimed(found.booking, revision, token)
+    raise failure
+
+
+def _record_sent_through_outage(
+    room: Mailroom, payload: EmailPayload, revision: int, token: uuid.UUID, mid: str
+) -> None:
+    """The SMTP server took the email but Postgres went away before our mark: keep trying to
     record it as sent, so that the retry that would follow does not send it a second time."""
 
     def record() -> None:
         with room.db.transaction() as conn:
-            deliveries.record_sent(conn, payload.booking_id, payload.type, mid)
+            deliveries.finish(
+                conn, payload.booking_id, payload.type, revision, token, "sent", message_id=mid
+            )
 
     try:
         keep_trying(

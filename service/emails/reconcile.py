@@ -1,7 +1,12 @@
 """Find booking emails that should exist but never completed, and send them again.
 
-Covers what no broker can: messages lost with Redis's data, a producer that could reach
-neither broker nor SMTP, a retry whose re-enqueue failed. Safe to run from several places at
+Works from the request rows first: ``pending`` rows past their due time (``scheduled_for``, else
+when requested) plus the grace, ``retrying`` rows past their next attempt plus the grace,
+``sending`` rows whose lease ran out a grace ago (their worker died). Each is re-enqueued with
+its revision and ``scheduled_for``, so nothing is sent before its time. Then, as a safety net for
+producers that never recorded a request, bookings whose status calls for an email that has no
+row of that type at all. Covers what no broker can: messages lost with Redis's data, a producer
+that could reach neither broker nor SMTP, a retry whose re-enqueue failed. Safe to run from several places at
 once: rows are claimed with ``FOR UPDATE SKIP LOCKED`` and a missing row is inserted by exactly
 one runner, which alone sends it.
 """
@@ -11,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from uuid import UUID
+from typing import Any
 
 from service.config import Settings
 from service.db import Conn, Database
@@ -21,20 +26,31 @@ from service.metrics import RECONCILER_REQUEUED
 
 _CLAIM_STUCK = """
 UPDATE email_deliveries d
-   SET next_attempt_at = now() + %(grace)s, updated_at = now()
-  FROM (SELECT booking_id, email_type FROM email_deliveries
-         WHERE (state = 'pending' AND COALESCE(next_attempt_at, updated_at) <= now())
+   SET next_attempt_at = now() + %(grace)s,
+       state = CASE WHEN d.state = 'sending' THEN 'retrying' ELSE d.state END,
+       last_error = CASE WHEN d.state = 'sending'
+                         THEN 'lease ran out: re-enqueued by reconcile' ELSE d.last_error END,
+       updated_at = now()
+  FROM (SELECT booking_id, email_type, revision FROM email_deliveries
+         WHERE (state = 'pending'
+                AND COALESCE(next_attempt_at, scheduled_for, requested_at, created_at)
+                    <= now() - %(grace)s)
             OR (state = 'retrying' AND COALESCE(next_attempt_at, updated_at) < now() - %(grace)s)
+            OR (state = 'sending' AND lease_until < now() - %(grace)s)
          ORDER BY updated_at
          LIMIT %(limit)s
          FOR UPDATE SKIP LOCKED) due
  WHERE d.booking_id = due.booking_id AND d.email_type = due.email_type
-RETURNING d.booking_id, d.email_type, d.state
+   AND d.revision = due.revision
+RETURNING d.booking_id, d.email_type, d.revision, d.scheduled_for
 """
 
+# The safety net for producers that never recorded their request: a status that calls for an
+# email, and no row of that type at any revision.
 _CLAIM_MISSING = """
-INSERT INTO email_deliveries (booking_id, email_type, state, next_attempt_at, last_error)
-SELECT b.id, m.email_type, 'pending', now() + %(grace)s, 'no delivery record: re-enqueued by reconcile'
+INSERT INTO email_deliveries (booking_id, email_type, revision, state, next_attempt_at, last_error)
+SELECT b.id, m.email_type, b.revision, 'pending', now() + %(grace)s,
+       'no delivery record: re-enqueued by reconcile'
   FROM bookings b
   JOIN unnest(%(statuses)s::text[], %(types)s::text[]) AS m(status, email_type) ON m.status = b.status
  WHERE b.status_changed_at < now() - %(grace)s
@@ -44,14 +60,16 @@ SELECT b.id, m.email_type, 'pending', now() + %(grace)s, 'no delivery record: re
  ORDER BY b.status_changed_at
  LIMIT %(limit)s
 ON CONFLICT DO NOTHING
-RETURNING booking_id, email_type
+RETURNING booking_id, email_type, revision, scheduled_for
 """
 
 
 @dataclass
 class ReconcileReport:
-    missing: list[tuple[UUID, EmailType]] = field(default_factory=list)
-    stuck: list[tuple[UUID, EmailType]] = field(default_factory=list)
+    """The claimed requests, as the payloads to enqueue (with revision and ``scheduled_for``)."""
+
+    missing: list[EmailPayload] = field(default_factory=list)
+    stuck: list[EmailPayload] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -73,10 +91,19 @@ def _params(settings: Settings, limit: int, grace: timedelta | None) -> dict[str
 def _claim(conn: Conn, params: dict[str, object]) -> ReconcileReport:
     report = ReconcileReport()
     for row in conn.execute(_CLAIM_STUCK, params).fetchall():
-        report.stuck.append((row["booking_id"], EmailType(row["email_type"])))
+        report.stuck.append(_payload(row))
     for row in conn.execute(_CLAIM_MISSING, params).fetchall():
-        report.missing.append((row["booking_id"], EmailType(row["email_type"])))
+        report.missing.append(_payload(row))
     return report
+
+
+def _payload(row: dict[str, Any]) -> EmailPayload:
+    return EmailPayload(
+        booking_id=row["booking_id"],
+        type=EmailType(row["email_type"]),
+        revision=row["revision"],
+        scheduled_for=row["scheduled_for"],
+    )
 
 
 def claim(
@@ -108,7 +135,7 @@ def reconcile(
     the queue or an immediate send)."""
     report = claim(db, settings, limit, grace)
     for reason, items in (("missing", report.missing), ("stuck", report.stuck)):
-        for booking_id, email_type in items:
-            enqueue(EmailPayload(booking_id=booking_id, type=email_type))
-            RECONCILER_REQUEUED.labels(email_type.value, reason).inc()
+        for payload in items:
+            enqueue(payload)
+            RECONCILER_REQUEUED.labels(payload.type.value, reason).inc()
     return report

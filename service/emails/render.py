@@ -107,9 +107,10 @@ def _static(sender: str) -> _Static:
     )
 
 
-def message_id(booking_id: object, email_type: EmailType, sender: str) -> str:
-    """A deterministic Message-ID per (booking, email type), so receivers can de-duplicate."""
-    return f"<booking-{booking_id}.{email_type.value}@{_static(sender).domain}>"
+def message_id(booking_id: object, email_type: EmailType, sender: str, revision: int = 1) -> str:
+    """A deterministic Message-ID per (booking, email type, revision), so receivers can drop
+    the copies of the at-least-once window while two updates stay two messages."""
+    return f"<booking-{booking_id}.{email_type.value}.r{revision}@{_static(sender).domain}>"
 
 
 def _unstructured(value: str, header_name: str) -> str:
@@ -251,12 +252,13 @@ def compose(
     now: datetime,
     texts: tuple[str, str],
     calendar: str | None,
+    revision: int = 1,
 ) -> tuple[str, str, str]:
     """The whole message as text (ASCII, CRLF line ends), its envelope recipient and
     Message-ID."""
     static = _static(sender)
     to_header, to_address = _recipient(booking)
-    mid = message_id(booking.booking_id, email_type, sender)
+    mid = message_id(booking.booking_id, email_type, sender, revision)
     body = _multipart(
         "alternative",
         static.alternative,
@@ -282,11 +284,12 @@ def compose(
 
 
 def render(
-    booking: BookingView, email_type: EmailType, sender: str, now: datetime
+    booking: BookingView, email_type: EmailType, sender: str, now: datetime, *, revision: int = 1
 ) -> RenderedEmail:
-    """The complete email for ``email_type``; raises UnrenderableBooking on unusable data."""
+    """The complete email for ``email_type`` as requested at ``revision`` (the Message-ID's);
+    raises UnrenderableBooking on unusable data."""
     calendar = calendar_file(booking, sender) if email_type is EmailType.CONFIRMED else None
     text, to_address, mid = compose(
-        booking, email_type, sender, now, bodies(booking, email_type), calendar
+        booking, email_type, sender, now, bodies(booking, email_type), calendar, revision
     )
     return RenderedEmail(_static(sender).envelope_from, (to_address,), text.encode("ascii"), mid)

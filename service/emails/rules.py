@@ -56,6 +56,8 @@ class Action(StrEnum):
     SEND = "sent"
     SKIP = "skipped"
     DUPLICATE = "duplicate"
+    SUPERSEDED = "superseded"
+    IN_PROGRESS = "in_progress"
     MISSING = "missing"
 
 
@@ -68,26 +70,67 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class BookingState:
+    """What the decision needs of the booking as it is now."""
+
+    status: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """One email request (one delivery row) as this attempt found it.
+
+    ``claimed``: this attempt holds the row's lease (it was open, dead, or its lease had run
+    out). Otherwise ``state`` is the row's state and ``lease_alive`` whether another worker's
+    lease on it still runs.
+    """
+
+    type: EmailType
+    revision: int
+    state: str | None
+    claimed: bool
+    lease_alive: bool = False
+
+
+@dataclass(frozen=True)
 class Verdict:
     action: Action
     reason: str | None = None
+    superseded_by: int | None = None
 
 
-DONE_STATES = frozenset({"sent", "skipped"})
+DONE_STATES = frozenset({"sent", "skipped", "superseded"})
+OPEN_STATES = frozenset({"pending", "sending", "retrying"})
+LATER_REQUEST_STATES = OPEN_STATES | {"sent"}
+"""A later request of the same type in one of these states sends, or has sent, the latest state
+of the booking; an earlier request is then superseded by it."""
 
 
-def before_send(
-    email_type: EmailType, booking_status: str | None, row_state: str | None
-) -> Verdict:
-    """Whether to send, given the booking's status (None: not found) and the delivery row's
-    state (None: no row yet). A finished row wins over everything: redeliveries are no-ops."""
-    if booking_status is None:
+def before_send(booking: BookingState | None, request: Request, later: int | None) -> Verdict:
+    """Whether to send ``request``, given the booking (None: not found) and ``later``, the
+    highest revision above the request's of another request of the same type in
+    ``LATER_REQUEST_STATES`` (None: there is none).
+
+    A finished row wins over everything: redeliveries and replays are no-ops. The latest change
+    is always sent: a request is superseded only by a later recorded request, never by a later
+    booking revision alone.
+    """
+    if not request.claimed:
+        if request.state in DONE_STATES:
+            return Verdict(Action.DUPLICATE)
+        return Verdict(Action.IN_PROGRESS, "another worker holds this email's lease")
+    if booking is None:
         return Verdict(Action.MISSING, "booking not found (not visible yet, or deleted)")
-    if row_state in DONE_STATES:
-        return Verdict(Action.DUPLICATE)
-    decision = decide(email_type, booking_status)
+    decision = decide(request.type, booking.status)
     if not decision.send:
         return Verdict(Action.SKIP, decision.reason)
+    if later is not None and later > request.revision:
+        return Verdict(
+            Action.SUPERSEDED,
+            f"superseded by the request at revision {later}",
+            superseded_by=later,
+        )
     return Verdict(Action.SEND)
 
 

@@ -52,11 +52,34 @@ class Db:
     def booking(self, **kw: Any) -> uuid.UUID:
         return insert_booking(self.conn, self.venue, **kw)
 
-    def delivery(self, booking_id: uuid.UUID, email_type: str) -> dict[str, Any] | None:
+    def delivery(
+        self, booking_id: uuid.UUID, email_type: str, revision: int | None = None
+    ) -> dict[str, Any] | None:
+        """The request row at ``revision``, or the latest request of that type."""
         return self.conn.execute(
-            "SELECT * FROM email_deliveries WHERE booking_id = %s AND email_type = %s",
-            (booking_id, email_type),
+            "SELECT * FROM email_deliveries WHERE booking_id = %s AND email_type = %s"
+            " AND (%s::bigint IS NULL OR revision = %s::bigint) ORDER BY revision DESC LIMIT 1",
+            (booking_id, email_type, revision, revision),
         ).fetchone()
+
+    def deliveries(self, booking_id: uuid.UUID, email_type: str) -> list[dict[str, Any]]:
+        """Every request row of that type, oldest revision first."""
+        return self.conn.execute(
+            "SELECT * FROM email_deliveries WHERE booking_id = %s AND email_type = %s"
+            " ORDER BY revision",
+            (booking_id, email_type),
+        ).fetchall()
+
+    def update_booking(self, booking_id: uuid.UUID, **changes: Any) -> int:
+        """Change guest-visible columns as the booking service does; returns the new revision."""
+        assignments = ", ".join(f"{column} = %({column})s" for column in changes)
+        row = self.conn.execute(
+            f"UPDATE bookings SET {assignments}, updated_at = now() WHERE id = %(id)s"
+            " RETURNING revision",
+            {**changes, "id": booking_id},
+        ).fetchone()
+        assert row is not None
+        return int(row["revision"])
 
     def dead_letters(self) -> list[dict[str, Any]]:
         return self.conn.execute("SELECT * FROM dead_letters ORDER BY failed_at").fetchall()

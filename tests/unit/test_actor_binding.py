@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import dramatiq
@@ -13,6 +14,7 @@ from service.actors import ACTORS, send_booking_email
 from service.actors.binding import AppActor, DeferredActor
 from service.app import App, part
 from service.config import load_settings
+from service.db import Conn, Database, DatabaseUnavailable
 from service.emails.models import InvalidPayload
 
 ENV = {
@@ -24,12 +26,28 @@ ENV = {
 }
 
 
+class Unreachable(Database):
+    """No Postgres in unit tests: every transaction fails at once, as an unreachable server's."""
+
+    @contextmanager
+    def transaction(self) -> Iterator[Conn]:
+        raise DatabaseUnavailable("database unavailable: unit test")
+        yield  # pragma: no cover
+
+    autocommit = transaction
+
+
 class StubApp(App):
-    """An App whose broker is Dramatiq's in-memory StubBroker with the service's middleware."""
+    """An App whose broker is Dramatiq's in-memory StubBroker with the service's middleware,
+    and whose database is unreachable."""
 
     @part
     def broker(self) -> dramatiq.Broker:
         return StubBroker(middleware=App.broker.build(self).middleware)
+
+    @part
+    def db(self) -> Database:
+        return Unreachable(self.settings.secret("database_url"), 1)
 
 
 @pytest.fixture
@@ -50,6 +68,7 @@ def test_importing_binds_nothing() -> None:
 def test_send_enqueues_a_validated_payload_on_the_bound_broker(app: App) -> None:
     booking = "0b0e4a4e-8c5b-4a8e-9d5d-2b3a0e5e6f70"
     message = send_booking_email.send(booking, "confirmed")
+    # Postgres unreachable: the email goes on without a revision (the worker records it)
     assert message.kwargs == {"booking_id": booking, "type": "confirmed"}
     queued = app.broker.queues["pending-booking-emails"]  # type: ignore[attr-defined]
     assert queued.qsize() == 1

@@ -10,6 +10,7 @@ import pytest
 
 from harness.workers import service_command
 from service.config import PRODUCER, SERVICE, ConfigError, load_settings
+from service.smtp import Mailer
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hunter2-secret"
@@ -82,11 +83,35 @@ def test_every_missing_variable_is_named_at_once() -> None:
     )
 
 
-def test_a_producer_needs_only_the_broker() -> None:
-    settings = load_settings({"BROKER_URL": BASE["BROKER_URL"]}).require(*PRODUCER)
-    assert settings.broker_kind == "redis"
+def test_a_producer_needs_the_broker_and_the_database_but_not_smtp() -> None:
     with pytest.raises(ConfigError, match="DATABASE_URL: is required"):
-        settings.secret("database_url")
+        load_settings({"BROKER_URL": BASE["BROKER_URL"]}).require(*PRODUCER)
+    settings = load_settings(
+        {"BROKER_URL": BASE["BROKER_URL"], "DATABASE_URL": BASE["DATABASE_URL"]}
+    ).require(*PRODUCER)
+    assert settings.broker_kind == "redis"
+    with pytest.raises(ConfigError, match="SMTP_URL: is required"):
+        settings.secret("smtp_url")
+
+
+def test_the_email_lease_outlasts_the_longest_smtp_conversation() -> None:
+    """The mailer gives up on a conversation at its deadline; the lease must end later, with room
+    to render, so no second worker claims an email that is still being sent."""
+    for timeout in ("0.5", "5", "10", "30"):
+        settings = load_settings({**BASE, "SMTP_TIMEOUT_SECONDS": timeout})
+        mailer = Mailer.from_settings(settings)
+        assert mailer.deadline == settings.smtp_conversation_seconds
+        assert mailer.deadline >= 2 * float(timeout)  # a reconnect fits in it
+        assert settings.email_lease_seconds > mailer.deadline + 1
+    defaults = load_settings(BASE)
+    # kill -9 recovery: the lease ends before Redis requeues (15 s heartbeat + 5 s maintenance)
+    assert defaults.email_lease_seconds <= defaults.redis_heartbeat_timeout_ms / 1000
+
+
+def test_the_pool_size_is_independent_of_threads() -> None:
+    assert load_settings(BASE).db_pool_max_size == 4
+    with pytest.raises(ConfigError, match="DB_POOL_TIMEOUT_SECONDS"):
+        load_settings({**BASE, "DB_POOL_TIMEOUT_SECONDS": "0"})
 
 
 def test_settings_come_only_from_the_mapping_given(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,6 +52,13 @@ def test_kill_9_mid_send_then_restart_delivers_each_email_once(
         )  # Dramatiq stops the rest; Kubernetes would restart the pod
         orphaned = dead_worker_acks(client)
         assert orphaned, "the killed worker held unacked messages"
+        leased = {
+            r["booking_id"]: r["lease_until"]
+            for r in db.conn.execute(
+                "SELECT booking_id, lease_until FROM email_deliveries WHERE state = 'sending'"
+            ).fetchall()
+        }
+        assert leased, "emails were in their SMTP conversation, under a lease, at the kill"
 
         group = WorkerGroup(env, processes=2, threads=4, log_path=tmp_path / "worker.log").start()
         eventually(
@@ -59,14 +66,21 @@ def test_kill_9_mid_send_then_restart_delivers_each_email_once(
         )
         recovered_after = time.monotonic() - killed_at
         eventually(lambda: len(slow_sink.messages()) >= len(bookings), timeout=60)
+        delivered_after = time.monotonic() - killed_at
         time.sleep(1.0)
     finally:
         group.stop()
     counts = [len(received_for(slow_sink, b)) for b in bookings]
     print(
-        f"\nredelivery of the killed worker's {sum(orphaned.values())} message(s) {recovered_after:.1f}s after kill -9"
+        f"\nredelivery of the killed worker's {sum(orphaned.values())} message(s) {recovered_after:.1f}s"
+        f" after kill -9; all delivered after {delivered_after:.1f}s"
+        f" ({len(leased)} under a lease at the kill)"
     )
     assert counts == [1] * len(bookings), f"duplicates or losses: {counts}"
     assert recovered_after < 60
-    states = {r["state"] for r in db.conn.execute("SELECT state FROM email_deliveries").fetchall()}
-    assert states == {"sent"}
+    rows = db.conn.execute("SELECT booking_id, state, attempts, sent_at FROM email_deliveries")
+    by_booking = {r["booking_id"]: r for r in rows.fetchall()}
+    assert {r["state"] for r in by_booking.values()} == {"sent"}
+    for booking_id, lease_until in leased.items():
+        row = by_booking[booking_id]  # sent again by the redelivery, once the lease had ended
+        assert row["attempts"] == 2 and row["sent_at"] >= lease_until

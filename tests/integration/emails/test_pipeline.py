@@ -36,7 +36,7 @@ def test_delivers_once_and_records_it(
         lambda: (r := db.delivery(booking, "request_received")) and r["state"] == "sent" and r
     )
     assert row["attempts"] == 1 and row["message_id"].startswith(
-        f"<booking-{booking}.request_received@"
+        f"<booking-{booking}.request_received.r1@"
     )
     assert len(received_for(smtp_sink, booking)) == 1
 
@@ -239,7 +239,9 @@ def test_broker_and_smtp_down_records_pending_then_reconcile_sends(
     row = db.delivery(booking, "request_received")
     assert row is not None and row["state"] == "pending"
     report = _reconcile(app, grace=timedelta(0))
-    assert report.stuck == [(booking, row["email_type"])]
+    assert [(p.booking_id, p.type.value, p.revision) for p in report.stuck] == [
+        (booking, row["email_type"], 1)
+    ]
     eventually(lambda: (r := db.delivery(booking, "request_received")) and r["state"] == "sent")
     assert len(received_for(smtp_sink, booking)) == 1
 
@@ -247,12 +249,14 @@ def test_broker_and_smtp_down_records_pending_then_reconcile_sends(
 def test_reconcile_recovers_everything_after_redis_loses_its_data(
     db: Db, smtp_sink: SmtpSink, app: App, broker: Any
 ) -> None:
+    """Every request was recorded before ``.send()`` returned, so the reconciler re-enqueues the
+    pending rows after the grace; bookings whose producer never recorded anything are found by
+    the status inference (the safety net)."""
     import dramatiq
 
-    bookings = [
-        db.booking(status="confirmed", status_changed_at=datetime.now(UTC) - timedelta(minutes=10))
-        for _ in range(20)
-    ]
+    earlier = datetime.now(UTC) - timedelta(minutes=10)
+    bookings = [db.booking(status="confirmed", status_changed_at=earlier) for _ in range(20)]
+    unrecorded = [db.booking(status="confirmed", status_changed_at=earlier) for _ in range(3)]
     from service.actors.emails import send_booking_email
 
     for b in bookings:
@@ -260,18 +264,23 @@ def test_reconcile_recovers_everything_after_redis_loses_its_data(
     client = redis.Redis.from_url(os.environ["BROKER_URL"])
     assert client.llen(f"dramatiq:{QUEUE}") == 20
     client.flushall()  # Redis loses everything before any worker ran
-    report = _reconcile(app, grace=timedelta(minutes=5))
-    assert sorted(b for b, _ in report.missing) == sorted(bookings)
-    second = _reconcile(app, grace=timedelta(minutes=5))
+    first = _reconcile(app, grace=timedelta(minutes=5))
+    assert first.stuck == []  # the recorded requests are still within the grace
+    assert sorted(p.booking_id for p in first.missing) == sorted(unrecorded)
+    time.sleep(1.2)
+    report = _reconcile(app, grace=timedelta(seconds=1))
+    assert sorted(p.booking_id for p in report.stuck) == sorted(bookings)
+    assert {p.revision for p in report.stuck} == {1} and report.missing == []
+    second = _reconcile(app, grace=timedelta(seconds=1))
     assert second.total == 0  # claimed rows are not re-sent by the next run
     w = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
     w.start()
     try:
-        eventually(lambda: len(received(smtp_sink)) >= 20)
+        eventually(lambda: len(received(smtp_sink)) >= 23)
         time.sleep(0.3)
     finally:
         w.stop()
-    assert sorted(len(received_for(smtp_sink, b)) for b in bookings) == [1] * 20
+    assert sorted(len(received_for(smtp_sink, b)) for b in bookings + unrecorded) == [1] * 23
 
 
 def test_concurrent_reconcilers_claim_each_email_once(db: Db, app: App) -> None:
@@ -291,7 +300,7 @@ def test_concurrent_reconcilers_claim_each_email_once(db: Db, app: App) -> None:
         t.start()
     for t in threads:
         t.join()
-    claimed = [b for r in results for b, _ in r.missing]
+    claimed = [p.booking_id for r in results for p in r.missing]
     assert sorted(claimed) == sorted(bookings)  # every email once, none twice
 
 
@@ -345,7 +354,7 @@ def test_email_accepted_by_smtp_is_recorded_through_a_postgres_restart(
             target=lambda: outcome.update(first=deliver(room, payload, Attempt(1, False)))
         )
         thread.start()
-        time.sleep(0.5)  # the worker is inside the SMTP conversation, holding the row lock
+        time.sleep(0.5)  # the worker is inside the SMTP conversation, under its lease
         pg_server.stop()
         time.sleep(2.5)  # SMTP accepts the email while Postgres is down
         pg_server.start()

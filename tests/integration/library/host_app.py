@@ -25,6 +25,7 @@ def main(argv: list[str]) -> dict[str, Any]:
 
     threads_before = threading.active_count()
     from service.actors.emails import EmailNotAccepted, send_booking_email
+    from service.config import ConfigError
 
     report: dict[str, Any] = {
         "imported_without_threads": threading.active_count() == threads_before,
@@ -41,9 +42,14 @@ def main(argv: list[str]) -> dict[str, Any]:
             outcomes[venue] = "accepted"
         except EmailNotAccepted as error:
             outcomes[venue] = f"EmailNotAccepted: {error}"
+        except ConfigError as error:
+            outcomes[venue] = f"ConfigError: {error}"
     report["outcomes"] = outcomes
     report["global_broker_after_send_is_host"] = dramatiq.get_broker() is host_broker
-    report["our_broker_is_private"] = send_booking_email.broker is not host_broker
+    try:
+        report["our_broker_is_private"] = send_booking_email.broker is not host_broker
+    except ConfigError:  # never bound: this process cannot build its producer
+        report["our_broker_is_private"] = None
     report["host_actor_on_host_broker"] = "host_job" in host_broker.actors
     report["our_actor_not_on_host_broker"] = "send_booking_email" not in host_broker.actors
     return report

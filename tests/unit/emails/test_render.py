@@ -124,11 +124,16 @@ def test_other_emails_have_no_attachment(email_type: EmailType) -> None:
     assert list(parsed(booking(), email_type).iter_attachments()) == []
 
 
-def test_message_id_is_deterministic_per_booking_and_type() -> None:
+def test_message_id_is_deterministic_per_booking_type_and_revision() -> None:
     b = uuid.uuid4()
     assert message_id(b, EmailType.CONFIRMED, SENDER) == message_id(b, EmailType.CONFIRMED, SENDER)
     assert message_id(b, EmailType.CONFIRMED, SENDER) != message_id(b, EmailType.CANCELLED, SENDER)
-    assert message_id(b, EmailType.CONFIRMED, SENDER).endswith("@example.test>")
+    assert message_id(b, EmailType.UPDATED, SENDER, 2) != message_id(
+        b, EmailType.UPDATED, SENDER, 3
+    )
+    assert message_id(b, EmailType.UPDATED, SENDER, 2) == f"<booking-{b}.updated.r2@example.test>"
+    raw = render(booking(), EmailType.UPDATED, SENDER, NOW, revision=7).data
+    assert b".updated.r7@example.test>" in raw
 
 
 def test_non_ascii_names_survive_encoding() -> None:

@@ -92,3 +92,14 @@ def test_scheduled_for_becomes_a_delay_only_when_in_the_future() -> None:
     assert future.delay_ms(now) == 300_000
     assert past.delay_ms(now) is None
     assert EmailPayload.from_call((booking, "confirmed"), None).delay_ms(now) is None
+
+
+def test_revision_is_optional_keyword_only_and_kept_in_the_message() -> None:
+    booking = uuid.uuid4()
+    v1 = EmailPayload.from_call((str(booking), "updated"), None)
+    assert v1.revision is None and "revision" not in v1.as_kwargs()
+    v2 = EmailPayload.from_call((str(booking), "updated"), {"revision": 3})
+    assert v2.as_kwargs() == {"booking_id": str(booking), "type": "updated", "revision": 3}
+    assert EmailPayload.from_call((), v2.as_kwargs()) == v2 == v1.at_revision(3)
+    with pytest.raises(InvalidPayload, match="revision"):
+        EmailPayload.from_call((str(booking), "updated"), {"revision": -1})
