@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.support.capacity",
     "tests.support.flags",
     "tests.support.tooling",
+    "tests.support.console",
 ]
 
 

@@ -661,7 +661,7 @@ class Console:
             dict(exc.headers or {}),
             title=titles.get(exc.status_code, "Error"),
             detail=exc.detail,
-            status=exc.status_code,
+            code=exc.status_code,
         )
 
     async def unauthenticated(self, request: Request, exc: Exception) -> Response:
@@ -673,7 +673,7 @@ class Console:
                 identity=None,
                 title="Not signed in",
                 detail="this console is reached through its authenticating proxy",
-                status=401,
+                code=401,
             )
         return self.login_page(request, 401)
 
