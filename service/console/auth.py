@@ -164,7 +164,9 @@ def build_authenticator(settings: Settings) -> Authenticator:
     """The mode ``CONSOLE_AUTH`` names, with its credentials; ConfigError when they are missing."""
     if settings.console_auth == "basic":
         if settings.console_users is None:
-            raise ConfigError("invalid configuration: CONSOLE_USERS: is required when CONSOLE_AUTH=basic")
+            raise ConfigError(
+                "invalid configuration: CONSOLE_USERS: is required when CONSOLE_AUTH=basic"
+            )
         return BasicAuth(parse_console_users(settings.console_users.get_secret_value()))
     if settings.console_auth == "proxy":
         if not settings.console_trusted_proxies:

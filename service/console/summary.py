@@ -54,5 +54,7 @@ def replay_plan(
     if delivery_state == "sent":
         plan += "; the email was already sent, so it is recorded as a duplicate and not sent again"
     elif delivery_state is not None:
-        plan += f"; the email (now {delivery_state}) is sent if the booking's status still calls for it"
+        plan += (
+            f"; the email (now {delivery_state}) is sent if the booking's status still calls for it"
+        )
     return True, plan

@@ -261,7 +261,9 @@ class Console:
     # -- identity, roles, CSRF, audit ---------------------------------------------------------
 
     def identity(self, request: Request) -> Identity | None:
-        found = self.auth.from_headers(request.headers, request.client.host if request.client else None)
+        found = self.auth.from_headers(
+            request.headers, request.client.host if request.client else None
+        )
         if found is not None:
             return found
         user, role = request.session.get("user"), request.session.get("role")
@@ -332,7 +334,12 @@ class Console:
         log.info("console action", actor=who.name, action=action, outcome=outcome, items=len(items))
 
     def render(
-        self, request: Request, name: str, status: int = 200, headers: dict[str, str] | None = None, **context: Any
+        self,
+        request: Request,
+        name: str,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        **context: Any,
     ) -> Response:
         who = getattr(request.state, "identity", None)
         context.setdefault("identity", who)
@@ -378,7 +385,9 @@ class Console:
         wait = self.budget.take(f"login:{peer}")
         if wait:
             raise HTTPException(
-                429, "too many sign-in attempts: wait and retry", headers={"Retry-After": str(int(wait))}
+                429,
+                "too many sign-in attempts: wait and retry",
+                headers={"Retry-After": str(int(wait))},
             )
         values = {k: str(form.get(k) or "") for k in self.auth.login_fields}
         who = await run_in_threadpool(self.auth.from_form, values)
@@ -426,7 +435,13 @@ class Console:
         for letter in letters:
             letter["error"] = redact_text(letter["error"]) if letter.get("error") else None
         return self.render(
-            request, "booking.html", booking=found, booking_id=booking_id, rows=rows, letters=letters, due=due
+            request,
+            "booking.html",
+            booking=found,
+            booking_id=booking_id,
+            rows=rows,
+            letters=letters,
+            due=due,
         )
 
     async def search(self, request: Request, who: Identity) -> Response:
@@ -442,7 +457,9 @@ class Console:
 
         found = await run_in_threadpool(load)
         ids = [str(b["id"]) for b in found]
-        await run_in_threadpool(self.audit, request, who, "lookup_by_email", ids, f"{len(ids)} found")
+        await run_in_threadpool(
+            self.audit, request, who, "lookup_by_email", ids, f"{len(ids)} found"
+        )
         return self.render(request, "search.html", bookings=found)
 
     async def letters(self, request: Request, who: Identity) -> Response:
@@ -450,7 +467,10 @@ class Console:
         filters, page, size = parse_filters(params)
 
         def load() -> list[DeadLetter]:
-            with dead_letters(self.app.db, self.app.broker, self.app.settings, filters) as (found, _):
+            with dead_letters(self.app.db, self.app.broker, self.app.settings, filters) as (
+                found,
+                _,
+            ):
                 return found
 
         found = await run_in_threadpool(load)
@@ -482,7 +502,10 @@ class Console:
         selection = Filters(ids=(message_id,), include_handled=True, limit=1)
 
         def load() -> list[DeadLetter]:
-            with dead_letters(self.app.db, self.app.broker, self.app.settings, selection) as (found, _):
+            with dead_letters(self.app.db, self.app.broker, self.app.settings, selection) as (
+                found,
+                _,
+            ):
                 return found
 
         found = await run_in_threadpool(load)
@@ -495,10 +518,10 @@ class Console:
         with dead_letters(self.app.db, self.app.broker, self.app.settings, selection) as (found, _):
             by_id = {x.message_id: x for x in found}
         pairs = []
-        for x in found:
-            booking_id = booking_of(x)
-            if booking_id and x.email_type:
-                pairs.append((booking_id, x.email_type))
+        for letter in found:
+            booking_id = booking_of(letter)
+            if booking_id and letter.email_type:
+                pairs.append((booking_id, letter.email_type))
         with self.app.db.transaction() as conn:
             states = queries.delivery_states(conn, pairs)
         plan = []
@@ -561,12 +584,20 @@ class Console:
             outcome,
         )
         return self.render(
-            request, "result.html", action=action, done=done, failed=failed, skipped=skipped, outcome=outcome
+            request,
+            "result.html",
+            action=action,
+            done=done,
+            failed=failed,
+            skipped=skipped,
+            outcome=outcome,
         )
 
     def _queues(self) -> tuple[dict[str, dict[str, float]], str | None]:
         settings = self.app.settings
-        declared = {q for q in self.app.broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))}
+        declared = {
+            q for q in self.app.broker.get_declared_queues() if not q.endswith((".DQ", ".XQ"))
+        }
         with self.app.db.transaction() as conn:
             names = sorted(declared | set(queries.dead_letter_queues(conn)))
         url = settings.secret("broker_url")
@@ -587,7 +618,13 @@ class Console:
         flags: Flags = self.app.flags
         rows, _ = flags.status(wait=0)
         return [
-            {"name": r.flag.name, "value": r.value, "source": str(r.source), "default": r.default, "env": r.flag.env_var}
+            {
+                "name": r.flag.name,
+                "value": r.value,
+                "source": str(r.source),
+                "default": r.default,
+                "env": r.flag.env_var,
+            }
             for r in rows
         ]
 
@@ -612,7 +649,9 @@ class Console:
 
         data = await run_in_threadpool(load)
         for event in data["dead_events"]:
-            event["last_error"] = redact_text(event["last_error"]) if event.get("last_error") else None
+            event["last_error"] = (
+                redact_text(event["last_error"]) if event.get("last_error") else None
+            )
         return self.render(request, "queues.html", **data)
 
     async def requeue(self, request: Request, who: Identity) -> Response:
@@ -625,7 +664,12 @@ class Console:
 
         done = await run_in_threadpool(run)
         await run_in_threadpool(
-            self.audit, request, who, "requeue_outbox_event", [str(event_id)], "ok" if done else "not_found"
+            self.audit,
+            request,
+            who,
+            "requeue_outbox_event",
+            [str(event_id)],
+            "ok" if done else "not_found",
         )
         if not done:
             raise HTTPException(404, f"no dead outbox event {event_id}")
@@ -653,7 +697,13 @@ class Console:
 
     async def http_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        titles = {400: "Bad request", 403: "Forbidden", 404: "Not found", 405: "Method not allowed", 429: "Slow down"}
+        titles = {
+            400: "Bad request",
+            403: "Forbidden",
+            404: "Not found",
+            405: "Method not allowed",
+            429: "Slow down",
+        }
         return self.render(
             request,
             "error.html",

@@ -88,7 +88,9 @@ def seed_console_data(database_url: str) -> Seeded:
     with psycopg.connect(database_url, autocommit=True) as conn:
         venue = insert_venue(conn)
         sent = insert_booking(conn, venue, status="confirmed")
-        dead = insert_booking(conn, venue, status="confirmed", guest_email="jane.doe@guests.example")
+        dead = insert_booking(
+            conn, venue, status="confirmed", guest_email="jane.doe@guests.example"
+        )
         pending = insert_booking(conn, venue, status="pending")
         conn.execute(
             "INSERT INTO email_deliveries (booking_id, email_type, state, attempts, message_id, sent_at)"

@@ -87,7 +87,9 @@ def test_operator_replays_a_dead_letter_and_the_email_arrives(
 ) -> None:
     with psycopg.connect(console_env["DATABASE_URL"], autocommit=True) as conn:
         venue = insert_venue(conn, name="Le Console")
-        booking = insert_booking(conn, venue, status="confirmed", guest_email="jo+reject@guests.example")
+        booking = insert_booking(
+            conn, venue, status="confirmed", guest_email="jo+reject@guests.example"
+        )
     send_booking_email.send(str(booking), "confirmed")
 
     def dead_letter() -> str | None:
@@ -99,7 +101,9 @@ def test_operator_replays_a_dead_letter_and_the_email_arrives(
     assert not received_for(smtp_sink, booking)
     with psycopg.connect(console_env["DATABASE_URL"], autocommit=True) as conn:
         # The booking service corrects the guest's address; the operator replays.
-        conn.execute("UPDATE bookings SET guest_email = 'jo@guests.example' WHERE id = %s", (booking,))
+        conn.execute(
+            "UPDATE bookings SET guest_email = 'jo@guests.example' WHERE id = %s", (booking,)
+        )
 
     page = browser.new_page()
     sign_in(page, stack.url, OPERATOR_TOKEN)
@@ -140,7 +144,9 @@ def test_operator_replays_a_dead_letter_and_the_email_arrives(
     page.close()
 
 
-def test_a_viewer_cannot_replay(browser: Browser, stack: ConsoleServer, console_env: dict[str, str]) -> None:
+def test_a_viewer_cannot_replay(
+    browser: Browser, stack: ConsoleServer, console_env: dict[str, str]
+) -> None:
     message_id = str(uuid.uuid4())
     with psycopg.connect(console_env["DATABASE_URL"], autocommit=True) as conn:
         venue = insert_venue(conn)
@@ -148,7 +154,19 @@ def test_a_viewer_cannot_replay(browser: Browser, stack: ConsoleServer, console_
         conn.execute(
             "INSERT INTO dead_letters (message_id, queue_name, actor_name, message, reason, email_type)"
             " VALUES (%s, 'pending-booking-emails', 'send_booking_email', %s, 'retries_exhausted', 'confirmed')",
-            (message_id, psycopg.types.json.Jsonb({"message_id": message_id, "actor_name": "send_booking_email", "queue_name": "pending-booking-emails", "args": [], "kwargs": {"booking_id": str(booking), "type": "confirmed"}, "options": {}})),
+            (
+                message_id,
+                psycopg.types.json.Jsonb(
+                    {
+                        "message_id": message_id,
+                        "actor_name": "send_booking_email",
+                        "queue_name": "pending-booking-emails",
+                        "args": [],
+                        "kwargs": {"booking_id": str(booking), "type": "confirmed"},
+                        "options": {},
+                    }
+                ),
+            ),
         )
     context = browser.new_context()
     page = context.new_page()
@@ -184,7 +202,9 @@ def test_missing_or_wrong_credentials_and_forged_posts_are_refused(
     assert login.value.status == 401
     expect(page.locator("[role=alert]")).to_contain_text("not accepted")
     shot(page, "login")
-    bearer = page.request.get(f"{stack.url}/", headers={"Authorization": "Bearer wrong-token-0123456789"})
+    bearer = page.request.get(
+        f"{stack.url}/", headers={"Authorization": "Bearer wrong-token-0123456789"}
+    )
     assert bearer.status == 401
 
     sign_in(page, stack.url, OPERATOR_TOKEN)

@@ -37,7 +37,9 @@ def audit_rows(url: str) -> list[tuple[str, str, str, list[str], str]]:
 # -- authentication ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/", "/bookings/" + str(uuid.uuid4()), "/dead-letters", "/queues", "/audit"])
+@pytest.mark.parametrize(
+    "path", ["/", "/bookings/" + str(uuid.uuid4()), "/dead-letters", "/queues", "/audit"]
+)
 def test_every_page_refuses_anonymous_access(anonymous: TestClient, path: str) -> None:
     response = anonymous.get(path)
     assert response.status_code == 401
@@ -45,12 +47,19 @@ def test_every_page_refuses_anonymous_access(anonymous: TestClient, path: str) -
     assert "Sign in" in response.text
 
 
-def test_a_wrong_token_is_refused_at_login_and_as_bearer(anonymous: TestClient, console_env: dict[str, str]) -> None:
+def test_a_wrong_token_is_refused_at_login_and_as_bearer(
+    anonymous: TestClient, console_env: dict[str, str]
+) -> None:
     page = anonymous.get("/login")
-    response = anonymous.post("/login", data={"token": "wrong-token-0123456789", "csrf_token": csrf_of(page.text)})
+    response = anonymous.post(
+        "/login", data={"token": "wrong-token-0123456789", "csrf_token": csrf_of(page.text)}
+    )
     assert response.status_code == 401
     assert "not accepted" in response.text
-    assert anonymous.get("/", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+    assert (
+        anonymous.get("/", headers={"Authorization": "Bearer wrong-token-0123456789"}).status_code
+        == 401
+    )
     assert audit_rows(console_env["DATABASE_URL"])[-1][2:] == ("login", [], "refused")
 
 
@@ -76,9 +85,12 @@ def test_session_cookie_is_httponly_and_samesite_strict(console_app: App) -> Non
 
 
 def test_secure_cookies_when_configured(console_env: dict[str, str]) -> None:
-    with running_app({**console_env, "CONSOLE_SECURE_COOKIES": "true"}) as application:
-        with TestClient(create_app(application), base_url="https://testserver") as client:
-            cookie = client.get("/login").headers["set-cookie"].lower()
+    env = {**console_env, "CONSOLE_SECURE_COOKIES": "true"}
+    with (
+        running_app(env) as application,
+        TestClient(create_app(application), base_url="https://testserver") as client,
+    ):
+        cookie = client.get("/login").headers["set-cookie"].lower()
     assert "; secure" in cookie
 
 
@@ -94,7 +106,9 @@ def test_security_headers_on_every_response(operator: TestClient) -> None:
 
 def test_logout_ends_the_session(operator: TestClient) -> None:
     home = operator.get("/")
-    response = operator.post("/logout", data={"csrf_token": csrf_of(home.text)}, follow_redirects=False)
+    response = operator.post(
+        "/logout", data={"csrf_token": csrf_of(home.text)}, follow_redirects=False
+    )
     assert response.status_code == 303
     assert operator.get("/").status_code == 401
 
@@ -103,8 +117,11 @@ def test_basic_auth_with_scrypt_hashes(console_env: dict[str, str]) -> None:
     users = f"olga:operator:{hash_password('olga password 1')},vic:viewer:{hash_password('vic password 1')}"
     env = {**console_env, "CONSOLE_AUTH": "basic", "CONSOLE_USERS": users}
     with running_app(env) as application, TestClient(create_app(application)) as client:
+
         def basic(user: str, password: str) -> dict[str, str]:
-            return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+            return {
+                "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+            }
 
         assert client.get("/", headers=basic("olga", "olga password 1")).status_code == 200
         refused = client.get("/", headers=basic("olga", "wrong"))
@@ -115,13 +132,19 @@ def test_basic_auth_with_scrypt_hashes(console_env: dict[str, str]) -> None:
         assert 'name="password"' in page.text
         logged = client.post(
             "/login",
-            data={"username": "vic", "password": "vic password 1", "csrf_token": csrf_of(page.text)},
+            data={
+                "username": "vic",
+                "password": "vic password 1",
+                "csrf_token": csrf_of(page.text),
+            },
         )
         assert logged.status_code == 200
         assert "vic (viewer)" in logged.text
 
 
-def test_proxy_headers_are_honoured_only_from_trusted_addresses(console_env: dict[str, str]) -> None:
+def test_proxy_headers_are_honoured_only_from_trusted_addresses(
+    console_env: dict[str, str],
+) -> None:
     env = {**console_env, "CONSOLE_AUTH": "proxy", "CONSOLE_TRUSTED_PROXIES": "10.0.0.0/8"}
     headers = {"X-Forwarded-User": "sam", "X-Forwarded-Role": "operator"}
     with running_app(env) as application:
@@ -138,7 +161,9 @@ def test_proxy_headers_are_honoured_only_from_trusted_addresses(console_env: dic
 # -- booking lookup ----------------------------------------------------------------------------
 
 
-def test_booking_page_shows_emails_dead_letters_and_what_is_due(operator: TestClient, seeded: Seeded) -> None:
+def test_booking_page_shows_emails_dead_letters_and_what_is_due(
+    operator: TestClient, seeded: Seeded
+) -> None:
     page = operator.get(f"/bookings/{seeded.dead}")
     assert page.status_code == 200
     assert "550 mailbox unavailable" in page.text
@@ -148,7 +173,10 @@ def test_booking_page_shows_emails_dead_letters_and_what_is_due(operator: TestCl
     sent = operator.get(f"/bookings/{seeded.sent}")
     assert f"&lt;booking-{seeded.sent}.confirmed@example.test&gt;" in sent.text
     pending = operator.get(f"/bookings/{seeded.pending}")
-    assert "Still due: request_received (called for by status pending) has no delivery row" in pending.text
+    assert (
+        "Still due: request_received (called for by status pending) has no delivery row"
+        in pending.text
+    )
 
 
 def test_viewers_see_masked_guest_addresses(viewer: TestClient, seeded: Seeded) -> None:
@@ -175,16 +203,30 @@ def test_lookup_by_email_is_for_operators_and_audited(
     operator: TestClient, viewer: TestClient, seeded: Seeded, console_env: dict[str, str]
 ) -> None:
     home = operator.get("/")
-    found = operator.post("/bookings/search", data={"email": "Jane.Doe@guests.example", "csrf_token": csrf_of(home.text)})
+    found = operator.post(
+        "/bookings/search",
+        data={"email": "Jane.Doe@guests.example", "csrf_token": csrf_of(home.text)},
+    )
     assert found.status_code == 200
     assert str(seeded.dead) in found.text
     actor, role, action, items, outcome = audit_rows(console_env["DATABASE_URL"])[-1]
-    assert (actor, role, action, items, outcome) == ("operator-token", "operator", "lookup_by_email", [str(seeded.dead)], "1 found")
-    bad = operator.post("/bookings/search", data={"email": "nope", "csrf_token": csrf_of(home.text)})
+    assert (actor, role, action, items, outcome) == (
+        "operator-token",
+        "operator",
+        "lookup_by_email",
+        [str(seeded.dead)],
+        "1 found",
+    )
+    bad = operator.post(
+        "/bookings/search", data={"email": "nope", "csrf_token": csrf_of(home.text)}
+    )
     assert bad.status_code == 400
     viewer_home = viewer.get("/")
     assert "Guest email" not in viewer_home.text
-    refused = viewer.post("/bookings/search", data={"email": seeded.dead_email, "csrf_token": csrf_of(viewer_home.text)})
+    refused = viewer.post(
+        "/bookings/search",
+        data={"email": seeded.dead_email, "csrf_token": csrf_of(viewer_home.text)},
+    )
     assert refused.status_code == 403
 
 
@@ -196,7 +238,9 @@ def test_lookups_are_rate_limited_per_user(console_env: dict[str, str], seeded: 
         assert codes == [200, 200, 200, 429]
         limited = client.get(f"/bookings/{seeded.sent}")
         assert int(limited.headers["retry-after"]) >= 1
-        other = client.get(f"/bookings/{seeded.sent}", headers={"Authorization": f"Bearer {VIEWER_TOKEN}"})
+        other = client.get(
+            f"/bookings/{seeded.sent}", headers={"Authorization": f"Bearer {VIEWER_TOKEN}"}
+        )
         assert other.status_code == 200  # another user has a budget of their own
 
 
@@ -208,7 +252,12 @@ def test_dead_letter_list_detail_and_filters(operator: TestClient, seeded: Seede
     assert listing.status_code == 200
     assert seeded.dead_message_id in listing.text
     assert 'name="ids"' in listing.text
-    assert seeded.dead_message_id in operator.get("/dead-letters?type=confirmed&reason=permanent_failure&queue=pending-booking-emails&newer_than=1h").text
+    assert (
+        seeded.dead_message_id
+        in operator.get(
+            "/dead-letters?type=confirmed&reason=permanent_failure&queue=pending-booking-emails&newer_than=1h"
+        ).text
+    )
     assert seeded.dead_message_id not in operator.get("/dead-letters?older_than=2h").text
     assert seeded.dead_message_id not in operator.get("/dead-letters?type=cancelled").text
     detail = operator.get(f"/dead-letters/{seeded.dead_message_id}")
@@ -230,7 +279,9 @@ def test_dead_letter_list_detail_and_filters(operator: TestClient, seeded: Seede
         ("queue=a%20b", "queue: letters"),
     ],
 )
-def test_malformed_dead_letter_filters_get_400(operator: TestClient, query: str, message: str) -> None:
+def test_malformed_dead_letter_filters_get_400(
+    operator: TestClient, query: str, message: str
+) -> None:
     response = operator.get(f"/dead-letters?{query}")
     assert response.status_code == 400
     assert message in response.text
@@ -266,7 +317,11 @@ def test_replay_through_preview_and_confirm_sends_once(
     listing = operator.get("/dead-letters")
     preview = operator.post(
         "/dead-letters/preview",
-        data={"action": "replay", "ids": [seeded.dead_message_id, "never-existed"], "csrf_token": csrf_of(listing.text)},
+        data={
+            "action": "replay",
+            "ids": [seeded.dead_message_id, "never-existed"],
+            "csrf_token": csrf_of(listing.text),
+        },
     )
     assert preview.status_code == 200
     assert "send again through send_booking_email from the Postgres record" in preview.text
@@ -275,7 +330,8 @@ def test_replay_through_preview_and_confirm_sends_once(
     with psycopg.connect(console_env["DATABASE_URL"]) as conn:
         assert conn.execute("SELECT replayed_at FROM dead_letters").fetchone() == (None,)
     done = operator.post(
-        "/dead-letters/replay", data={"ids": [seeded.dead_message_id], "csrf_token": csrf_of(preview.text)}
+        "/dead-letters/replay",
+        data={"ids": [seeded.dead_message_id], "csrf_token": csrf_of(preview.text)},
     )
     assert done.status_code == 200
     assert "1 done, 0 failed, 0 skipped" in done.text
@@ -286,22 +342,38 @@ def test_replay_through_preview_and_confirm_sends_once(
     finally:
         worker.stop(timeout=10_000)
     again = operator.post(
-        "/dead-letters/replay", data={"ids": [seeded.dead_message_id], "csrf_token": csrf_of(preview.text)}
+        "/dead-letters/replay",
+        data={"ids": [seeded.dead_message_id], "csrf_token": csrf_of(preview.text)},
     )
     assert "0 done, 0 failed, 1 skipped" in again.text
     assert len(received_for(smtp_sink, seeded.dead)) == 1
     entries = audit_rows(console_env["DATABASE_URL"])
-    assert entries[-2][:5] == ("operator-token", "operator", "replay", [seeded.dead_message_id], "ok")
+    assert entries[-2][:5] == (
+        "operator-token",
+        "operator",
+        "replay",
+        [seeded.dead_message_id],
+        "ok",
+    )
     audit_page = operator.get("/audit")
     assert "replay" in audit_page.text and seeded.dead_message_id in audit_page.text
 
 
-def test_preview_says_an_already_sent_email_is_not_sent_again(operator: TestClient, seeded: Seeded, console_env: dict[str, str]) -> None:
+def test_preview_says_an_already_sent_email_is_not_sent_again(
+    operator: TestClient, seeded: Seeded, console_env: dict[str, str]
+) -> None:
     with psycopg.connect(console_env["DATABASE_URL"], autocommit=True) as conn:
-        conn.execute("UPDATE email_deliveries SET state = 'sent' WHERE booking_id = %s", (seeded.dead,))
+        conn.execute(
+            "UPDATE email_deliveries SET state = 'sent' WHERE booking_id = %s", (seeded.dead,)
+        )
     page = operator.get("/dead-letters")
     preview = operator.post(
-        "/dead-letters/preview", data={"action": "replay", "ids": [seeded.dead_message_id], "csrf_token": csrf_of(page.text)}
+        "/dead-letters/preview",
+        data={
+            "action": "replay",
+            "ids": [seeded.dead_message_id],
+            "csrf_token": csrf_of(page.text),
+        },
     )
     assert "already sent, so it is recorded as a duplicate" in preview.text
 
@@ -310,19 +382,28 @@ def test_purge_removes_the_broker_copy_and_marks_the_record(
     operator: TestClient, seeded: Seeded, console_env: dict[str, str]
 ) -> None:
     client = redis.Redis.from_url(console_env["BROKER_URL"])
-    client.hset("dramatiq:pending-booking-emails.XQ.msgs", "r1", b'{"message_id": "broker-only", "queue_name": "pending-booking-emails", "actor_name": "send_booking_email", "args": [], "kwargs": {}, "options": {}, "message_timestamp": 0}')
+    client.hset(
+        "dramatiq:pending-booking-emails.XQ.msgs",
+        "r1",
+        b'{"message_id": "broker-only", "queue_name": "pending-booking-emails", "actor_name": "send_booking_email", "args": [], "kwargs": {}, "options": {}, "message_timestamp": 0}',
+    )
     client.zadd("dramatiq:pending-booking-emails.XQ", {"r1": 1000})
     page = operator.get("/dead-letters")
     assert "broker-only" in page.text
     preview = operator.post(
-        "/dead-letters/preview", data={"action": "purge", "ids": ["broker-only"], "csrf_token": csrf_of(page.text)}
+        "/dead-letters/preview",
+        data={"action": "purge", "ids": ["broker-only"], "csrf_token": csrf_of(page.text)},
     )
     assert "delete the broker copy" in preview.text
-    done = operator.post("/dead-letters/purge", data={"ids": ["broker-only"], "csrf_token": csrf_of(preview.text)})
+    done = operator.post(
+        "/dead-letters/purge", data={"ids": ["broker-only"], "csrf_token": csrf_of(preview.text)}
+    )
     assert "1 done" in done.text
     assert client.hlen("dramatiq:pending-booking-emails.XQ.msgs") == 0
     with psycopg.connect(console_env["DATABASE_URL"]) as conn:
-        row = conn.execute("SELECT purged_at FROM dead_letters WHERE message_id = 'broker-only'").fetchone()
+        row = conn.execute(
+            "SELECT purged_at FROM dead_letters WHERE message_id = 'broker-only'"
+        ).fetchone()
     assert row is not None and row[0] is not None
 
 
@@ -333,13 +414,25 @@ def test_viewers_cannot_replay_purge_or_requeue(viewer: TestClient, seeded: Seed
     assert 'name="ids"' not in page.text
     assert "Replay" not in viewer.get(f"/dead-letters/{seeded.dead_message_id}").text
     token = csrf_of(page.text)
-    for path in ("/dead-letters/preview", "/dead-letters/replay", "/dead-letters/purge", f"/outbox/{uuid.uuid4()}/requeue"):
-        response = viewer.post(path, data={"action": "replay", "ids": [seeded.dead_message_id], "csrf_token": token})
+    for path in (
+        "/dead-letters/preview",
+        "/dead-letters/replay",
+        "/dead-letters/purge",
+        f"/outbox/{uuid.uuid4()}/requeue",
+    ):
+        response = viewer.post(
+            path, data={"action": "replay", "ids": [seeded.dead_message_id], "csrf_token": token}
+        )
         assert response.status_code == 403, path
 
 
-def test_a_post_without_the_csrf_token_is_refused(operator: TestClient, seeded: Seeded, console_env: dict[str, str]) -> None:
-    for data in ({"ids": [seeded.dead_message_id]}, {"ids": [seeded.dead_message_id], "csrf_token": "forged"}):
+def test_a_post_without_the_csrf_token_is_refused(
+    operator: TestClient, seeded: Seeded, console_env: dict[str, str]
+) -> None:
+    for data in (
+        {"ids": [seeded.dead_message_id]},
+        {"ids": [seeded.dead_message_id], "csrf_token": "forged"},
+    ):
         response = operator.post("/dead-letters/replay", data=data)
         assert response.status_code == 403
         assert "CSRF" in response.text
@@ -349,19 +442,45 @@ def test_a_post_without_the_csrf_token_is_refused(operator: TestClient, seeded: 
 
 def test_bad_selections_get_400(operator: TestClient) -> None:
     token = csrf_of(operator.get("/").text)
-    assert operator.post("/dead-letters/preview", data={"action": "replay", "csrf_token": token}).status_code == 400
-    assert operator.post("/dead-letters/preview", data={"action": "explode", "ids": ["a"], "csrf_token": token}).status_code == 400
+    assert (
+        operator.post(
+            "/dead-letters/preview", data={"action": "replay", "csrf_token": token}
+        ).status_code
+        == 400
+    )
+    assert (
+        operator.post(
+            "/dead-letters/preview", data={"action": "explode", "ids": ["a"], "csrf_token": token}
+        ).status_code
+        == 400
+    )
     many = [f"m{i}" for i in range(201)]
-    assert operator.post("/dead-letters/replay", data={"ids": many, "csrf_token": token}).status_code == 400
-    assert operator.post("/dead-letters/frobnicate", data={"ids": ["a"], "csrf_token": token}).status_code == 404
+    assert (
+        operator.post("/dead-letters/replay", data={"ids": many, "csrf_token": token}).status_code
+        == 400
+    )
+    assert (
+        operator.post(
+            "/dead-letters/frobnicate", data={"ids": ["a"], "csrf_token": token}
+        ).status_code
+        == 404
+    )
 
 
 # -- queues, outbox, flags, audit --------------------------------------------------------------
 
 
-def test_queues_outbox_and_flags_page(operator: TestClient, console_app: App, console_env: dict[str, str]) -> None:
+def test_queues_outbox_and_flags_page(
+    operator: TestClient, console_app: App, console_env: dict[str, str]
+) -> None:
     console_app.broker.enqueue(
-        dramatiq.Message(queue_name="pending-booking-emails", actor_name="send_booking_email", args=(), kwargs={"booking_id": str(uuid.uuid4()), "type": "confirmed"}, options={})
+        dramatiq.Message(
+            queue_name="pending-booking-emails",
+            actor_name="send_booking_email",
+            args=(),
+            kwargs={"booking_id": str(uuid.uuid4()), "type": "confirmed"},
+            options={},
+        )
     )
     dead_event = uuid.uuid4()
     with psycopg.connect(console_env["DATABASE_URL"], autocommit=True) as conn:
@@ -381,14 +500,29 @@ def test_queues_outbox_and_flags_page(operator: TestClient, console_app: App, co
     assert "hold_released_irreparable since" in page.text
     assert str(dead_event) in page.text
     assert "email-queue-enabled" in page.text and "environment default" in page.text
-    requeued = operator.post(f"/outbox/{dead_event}/requeue", data={"csrf_token": csrf_of(page.text)}, follow_redirects=False)
+    requeued = operator.post(
+        f"/outbox/{dead_event}/requeue",
+        data={"csrf_token": csrf_of(page.text)},
+        follow_redirects=False,
+    )
     assert requeued.status_code == 303
     with psycopg.connect(console_env["DATABASE_URL"]) as conn:
-        assert conn.execute("SELECT status FROM outbox_events WHERE id = %s", (dead_event,)).fetchone() == ("pending",)
-    assert audit_rows(console_env["DATABASE_URL"])[-1][2:] == ("requeue_outbox_event", [str(dead_event)], "ok")
+        assert conn.execute(
+            "SELECT status FROM outbox_events WHERE id = %s", (dead_event,)
+        ).fetchone() == ("pending",)
+    assert audit_rows(console_env["DATABASE_URL"])[-1][2:] == (
+        "requeue_outbox_event",
+        [str(dead_event)],
+        "ok",
+    )
     again = operator.post(f"/outbox/{dead_event}/requeue", data={"csrf_token": csrf_of(page.text)})
     assert again.status_code == 404
-    assert operator.post("/outbox/not-a-uuid/requeue", data={"csrf_token": csrf_of(page.text)}).status_code == 400
+    assert (
+        operator.post(
+            "/outbox/not-a-uuid/requeue", data={"csrf_token": csrf_of(page.text)}
+        ).status_code
+        == 400
+    )
 
 
 def test_audit_page_paging_and_bad_input(operator: TestClient) -> None:
