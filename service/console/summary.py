@@ -15,6 +15,8 @@ OPEN_STATES = frozenset({"pending", "retrying", "sending"})
 class Due:
     due: bool
     reasons: tuple[str, ...]
+    dead: tuple[str, ...] = ()
+    """Emails given up on: they go out only if their dead letter is replayed."""
 
 
 def still_due(status: str | None, rows: Sequence[Mapping[str, Any]]) -> Due:
@@ -27,7 +29,8 @@ def still_due(status: str | None, rows: Sequence[Mapping[str, Any]]) -> Due:
         expected = EXPECTED_FOR_STATUS[BookingStatus(status)]
         if not any(row["email_type"] == expected.value for row in rows):
             reasons.append(f"{expected.value} (called for by status {status}) has no delivery row")
-    return Due(bool(reasons), tuple(reasons))
+    dead = tuple(str(row["email_type"]) for row in rows if row["state"] == "dead")
+    return Due(bool(reasons), tuple(reasons), dead)
 
 
 def replay_plan(

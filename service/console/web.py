@@ -14,7 +14,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -241,6 +241,15 @@ def queue_depths(families: Sequence[Metric]) -> dict[str, dict[str, float]]:
     return depths
 
 
+def when(value: Any) -> str:
+    """A timestamp as ``2026-12-02 18:33:12 UTC``; ``-`` for none."""
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return str(value)
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -256,6 +265,7 @@ class Console:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
+        env.filters["when"] = when
         self.templates = Jinja2Templates(env=env)
 
     # -- identity, roles, CSRF, audit ---------------------------------------------------------
