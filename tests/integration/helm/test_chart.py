@@ -1297,3 +1297,23 @@ def test_console_auth_mode_is_checked_by_the_schema(helm: str) -> None:
     result = helm_template_text(helm, sets={"console.enabled": True, "console.auth": "none"})
     assert result.returncode != 0
     assert "console.auth" in result.stderr or "console" in result.stderr
+
+
+def test_console_network_policy_admits_its_http_port(render: Render) -> None:
+    peers = [{"namespaceSelector": {"matchLabels": {"name": "ingress"}}}]
+    docs = render(
+        sets={
+            "console.enabled": True,
+            "networkPolicy.enabled": True,
+            "console.networkPolicyFrom": peers,
+        }
+    )
+    policy = one(docs, "NetworkPolicy", "-console")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "console"
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert rule["from"] == peers
+    without = render(sets={"console.enabled": True})
+    assert not [
+        d for d in by_kind(without, "NetworkPolicy") if d["metadata"]["name"].endswith("-console")
+    ]
