@@ -80,6 +80,16 @@ class Authenticator:
     def from_form(self, form: Mapping[str, str]) -> Identity | None:
         return None
 
+    def credential(self, who: Identity) -> str | None:
+        """What ``who`` signed in with as configured now (a token, a password hash); a session
+        bound to it ends when it is rotated or removed."""
+        return None
+
+
+def fingerprint(key: str, credential: str) -> str:
+    """A keyed digest of a credential, safe to keep in a (signed, readable) session cookie."""
+    return hmac.new(key.encode(), credential.encode(), hashlib.sha256).hexdigest()
+
 
 class TokenAuth(Authenticator):
     mode = "token"
@@ -104,6 +114,9 @@ class TokenAuth(Authenticator):
     def from_form(self, form: Mapping[str, str]) -> Identity | None:
         token = form.get("token", "").strip()
         return self.check(token) if token else None
+
+    def credential(self, who: Identity) -> str | None:
+        return self.tokens.get(who.role) if who.name == f"{who.role}-token" else None
 
 
 class BasicAuth(Authenticator):
@@ -131,6 +144,10 @@ class BasicAuth(Authenticator):
 
     def from_form(self, form: Mapping[str, str]) -> Identity | None:
         return self.check(form.get("username", ""), form.get("password", ""))
+
+    def credential(self, who: Identity) -> str | None:
+        role, hashed = self.users.get(who.name, ("", ""))
+        return f"{role}:{hashed}" if role == who.role else None
 
 
 class ProxyAuth(Authenticator):

@@ -41,6 +41,7 @@ from service.console.auth import (
     Identity,
     LookupBudget,
     build_authenticator,
+    fingerprint,
     mask_email,
     new_csrf_token,
 )
@@ -256,10 +257,13 @@ Handler = Callable[[Request], Awaitable[Response]]
 class Console:
     """The handlers, over one App, one authenticator and one lookup budget."""
 
-    def __init__(self, app: App, auth: Authenticator, budget: LookupBudget) -> None:
+    def __init__(
+        self, app: App, auth: Authenticator, budget: LookupBudget, session_key: str
+    ) -> None:
         self.app = app
         self.auth = auth
         self.budget = budget
+        self.session_key = session_key
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -277,9 +281,19 @@ class Console:
         if found is not None:
             return found
         user, role = request.session.get("user"), request.session.get("role")
-        if isinstance(user, str) and role in ("viewer", "operator") and self.auth.login_fields:
-            return Identity(user, str(role))
-        return None
+        bound = request.session.get("cred")
+        if not (
+            isinstance(user, str) and role in ("viewer", "operator") and isinstance(bound, str)
+        ):
+            return None
+        who = Identity(user, str(role))
+        current = self.auth.credential(who)
+        if current is None or not secrets.compare_digest(
+            bound, fingerprint(self.session_key, current)
+        ):
+            request.session.clear()  # the credential was rotated or removed: sign in again
+            return None
+        return who
 
     @staticmethod
     def csrf(request: Request) -> str:
@@ -406,7 +420,15 @@ class Console:
             await run_in_threadpool(self.audit, request, attempted, "login", [], "refused")
             return self.login_page(request, 401, "Those credentials were not accepted.")
         request.session.clear()
-        request.session.update({"user": who.name, "role": who.role, "csrf": new_csrf_token()})
+        credential = self.auth.credential(who) or ""
+        request.session.update(
+            {
+                "user": who.name,
+                "role": who.role,
+                "csrf": new_csrf_token(),
+                "cred": fingerprint(self.session_key, credential),
+            }
+        )
         await run_in_threadpool(self.audit, request, who, "login", [], "ok")
         return RedirectResponse("/", 303)
 
@@ -746,14 +768,13 @@ def create_app(app: App, *, session_secret: str | None = None) -> Starlette:
     """The console over ``app`` (whose actors are bound: replay sends through them)."""
     settings = app.settings
     auth = build_authenticator(settings)
-    console = Console(
-        app, auth, LookupBudget(settings.console_lookups_per_minute, settings.console_lookup_burst)
-    )
     secret = session_secret or (
         settings.console_session_secret.get_secret_value()
         if settings.console_session_secret
         else secrets.token_urlsafe(32)
     )
+    budget = LookupBudget(settings.console_lookups_per_minute, settings.console_lookup_burst)
+    console = Console(app, auth, budget, secret)
     page = console.page
     routes = [
         Route("/healthz", healthz),

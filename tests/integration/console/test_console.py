@@ -541,3 +541,21 @@ def test_healthz_needs_no_credentials_and_says_nothing_else(anonymous: TestClien
     response = anonymous.get("/healthz")
     assert response.status_code == 200
     assert response.text == "ok"
+
+
+def test_rotating_a_token_ends_the_sessions_signed_in_with_it(console_env: dict[str, str]) -> None:
+    with running_app(console_env) as application, TestClient(create_app(application)) as client:
+        signed_in(client, OPERATOR_TOKEN)
+        cookies = dict(client.cookies)
+        assert client.get("/").status_code == 200
+    rotated = {**console_env, "CONSOLE_OPERATOR_TOKEN": "a-brand-new-operator-token-42"}
+    with running_app(rotated) as application, TestClient(create_app(application)) as client:
+        client.cookies.update(cookies)  # same session secret: the cookie's signature is valid
+        assert client.get("/").status_code == 401
+
+
+def test_a_tampered_session_cookie_is_ignored(operator: TestClient) -> None:
+    value = operator.cookies["console_session"]
+    operator.cookies.clear()
+    operator.cookies.set("console_session", "x" + value[1:])
+    assert operator.get("/").status_code == 401
