@@ -46,6 +46,7 @@ from service.console.auth import (
     new_csrf_token,
 )
 from service.console.summary import replay_plan, still_due
+from service.db import Conn
 from service.deadletters import UNDECODABLE
 from service.dlq.operations import DeadLetter, Filters, dead_letters, parse_duration, purge, replay
 from service.emails.rules import EmailType
@@ -345,16 +346,28 @@ class Console:
         detail: str | None = None,
     ) -> None:
         with self.app.db.transaction() as conn:
-            queries.record_audit(
-                conn,
-                actor=who.name,
-                role=who.role,
-                action=action,
-                items=items,
-                outcome=outcome,
-                detail=detail,
-                client_addr=request.client.host if request.client else None,
-            )
+            self.record(conn, request, who, action, items, outcome, detail)
+
+    @staticmethod
+    def record(
+        conn: Conn,
+        request: Request,
+        who: Identity,
+        action: str,
+        items: Sequence[str],
+        outcome: str,
+        detail: str | None = None,
+    ) -> None:
+        queries.record_audit(
+            conn,
+            actor=who.name,
+            role=who.role,
+            action=action,
+            items=items,
+            outcome=outcome,
+            detail=detail,
+            client_addr=request.client.host if request.client else None,
+        )
         log.info("console action", actor=who.name, action=action, outcome=outcome, items=len(items))
 
     def render(
@@ -484,14 +497,14 @@ class Console:
         self.lookup_allowed(who)
 
         def load() -> list[Any]:
+            # The search and its audit row in one transaction: no search goes unrecorded.
             with self.app.db.transaction() as conn:
-                return queries.bookings_by_email(conn, address, 50)
+                found = queries.bookings_by_email(conn, address, 50)
+                ids = [str(b["id"]) for b in found]
+                self.record(conn, request, who, "lookup_by_email", ids, f"{len(ids)} found")
+                return found
 
         found = await run_in_threadpool(load)
-        ids = [str(b["id"]) for b in found]
-        await run_in_threadpool(
-            self.audit, request, who, "lookup_by_email", ids, f"{len(ids)} found"
-        )
         return self.render(request, "search.html", bookings=found)
 
     async def letters(self, request: Request, who: Identity) -> Response:
