@@ -44,6 +44,16 @@ def shot(page: Page, name: str) -> None:
         page.screenshot(path=str(IMAGES / f"console-{name}.png"), full_page=True)
 
 
+MISSING_CHROMIUM = (
+    "/usr/bin/chromium is missing: the console's browser tests need Debian's chromium package "
+    "(scripts/install-system-deps.sh installs it; `make test` runs it)"
+)
+
+
+def test_chromium_is_installed() -> None:
+    assert CHROMIUM.exists(), MISSING_CHROMIUM
+
+
 @pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     with sync_playwright() as p:
@@ -53,10 +63,7 @@ def playwright() -> Iterator[Playwright]:
 @pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     if not CHROMIUM.exists():
-        pytest.fail(
-            "/usr/bin/chromium is missing: the console's browser tests need Debian's chromium "
-            "package (scripts/install-system-deps.sh installs it; `make test` runs it)"
-        )
+        pytest.fail(MISSING_CHROMIUM)
     b = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
     yield b
     b.close()
