@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint unit bench chaos clean system-deps venv lock
+.PHONY: demo console test lint unit bench chaos clean system-deps venv lock
 
 # A virtualenv with a working pip; a half-built one (no pip, e.g. python3-venv missing) is rebuilt.
 venv:
@@ -30,6 +30,10 @@ system-deps:
 
 demo: $(STAMP) system-deps
 	$(BIN)/python -m scripts.demo
+
+# The operator console on throwaway servers with demo data, until Ctrl-C.
+console: $(STAMP) system-deps
+	$(BIN)/python -m scripts.console
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,7 +14,7 @@ import time
 
 from bench.common import RESULTS, ROOT, machine, say
 
-BENCHMARKS = ("producer", "render", "throughput", "recovery", "capacity", "backfill")
+BENCHMARKS = ("producer", "render", "throughput", "recovery", "capacity", "backfill", "console")
 
 
 def main() -> None:

