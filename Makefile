@@ -51,8 +51,12 @@ unit: $(STAMP)
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench
 
+# The chaos run, then fault injection on replicated brokers (Redis with Sentinel, a three-node
+# RabbitMQ cluster in network namespaces: needs root).
 chaos: $(STAMP) system-deps
 	$(BIN)/python -m bench.chaos
+	$(BIN)/python -m bench.failover_redis
+	$(BIN)/python -m bench.failover_rabbit
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
