@@ -59,8 +59,10 @@ def seed(database_url: str, bookings: int) -> list[tuple[str, str]]:
         )
         conn.execute(
             """
-            INSERT INTO email_deliveries (booking_id, email_type, state, attempts, message_id, sent_at)
-            SELECT b.id, t.email_type, 'sent', 1, '<' || b.id || '.' || t.email_type || '@bench>', now()
+            INSERT INTO email_deliveries
+                (booking_id, email_type, revision, state, attempts, message_id, sent_at)
+            SELECT b.id, t.email_type, 1, 'sent', 1,
+                   '<' || b.id || '.' || t.email_type || '@bench>', now()
             FROM bookings b
             CROSS JOIN unnest(ARRAY['request_received', 'confirmed', 'updated', 'cancelled'])
                  AS t(email_type)

@@ -1,7 +1,7 @@
 """Every SQL statement of the console, in one place (parameterised; short transactions).
 
-Rows come back as dicts with every column of ``email_deliveries`` (``SELECT *``), so columns
-added later (a revision, a lease) reach the templates without a change here.
+Delivery rows come back as dicts with every column of ``email_deliveries`` (``SELECT *``), so a
+column added later reaches the templates without a change here.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ OPEN_STATES = ("pending", "retrying", "sending")
 def booking(conn: Conn, booking_id: uuid.UUID) -> Row | None:
     return conn.execute(
         """
-        SELECT b.id, b.venue_id, v.name AS venue_name, b.status, b.guest_name, b.guest_email,
-               b.party_size, b.starts_at, b.created_at, b.updated_at, b.status_changed_at
+        SELECT b.id, b.venue_id, v.name AS venue_name, b.status, b.revision, b.guest_name,
+               b.guest_email, b.party_size, b.starts_at, b.created_at, b.updated_at, b.status_changed_at
         FROM bookings b LEFT JOIN venues v ON v.id = b.venue_id
         WHERE b.id = %s
         """,
@@ -47,20 +47,26 @@ def deliveries(conn: Conn, booking_id: uuid.UUID) -> list[Row]:
     ).fetchall()
 
 
-def delivery_states(conn: Conn, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """``(booking_id, email_type) -> state`` for the pairs that have a row."""
-    if not pairs:
+def delivery_states(
+    conn: Conn, requests: Sequence[tuple[str, str, int | None]]
+) -> dict[tuple[str, str, int | None], str]:
+    """``(booking_id, email_type, revision) -> state`` of the row each request would hit; a
+    request without a revision (``None``) is for the booking's current revision, as the worker
+    resolves it."""
+    if not requests:
         return {}
     rows = conn.execute(
         """
-        SELECT d.booking_id::text AS booking_id, d.email_type, d.state
-        FROM email_deliveries d
-        JOIN unnest(%s::text[], %s::text[]) AS p(booking_id, email_type)
+        SELECT p.booking_id, p.email_type, p.revision, d.state
+        FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS p(booking_id, email_type, revision)
+        LEFT JOIN bookings b ON b.id::text = p.booking_id
+        JOIN email_deliveries d
           ON d.booking_id::text = p.booking_id AND d.email_type = p.email_type
+         AND d.revision = COALESCE(p.revision, b.revision)
         """,
-        ([p[0] for p in pairs], [p[1] for p in pairs]),
+        ([r[0] for r in requests], [r[1] for r in requests], [r[2] for r in requests]),
     ).fetchall()
-    return {(r["booking_id"], r["email_type"]): r["state"] for r in rows}
+    return {(r["booking_id"], r["email_type"], r["revision"]): r["state"] for r in rows}
 
 
 def booking_dead_letters(conn: Conn, booking_id: uuid.UUID) -> list[Row]:

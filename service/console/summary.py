@@ -21,15 +21,23 @@ class Due:
 
 def still_due(status: str | None, rows: Sequence[Mapping[str, Any]]) -> Due:
     """Whether an email of this booking is still to be sent: an open delivery row, or the
-    email its current status calls for without any row (the reconciler will send it)."""
+    email its current status calls for without any row (the reconciler will send it). An
+    email type counts as given up on when its latest revision's row is dead."""
     reasons = [
-        f"{row['email_type']} is {row['state']}" for row in rows if row["state"] in OPEN_STATES
+        f"{row['email_type']} (revision {row['revision']}) is {row['state']}"
+        for row in rows
+        if row["state"] in OPEN_STATES
     ]
     if status in {s.value for s in BookingStatus}:
         expected = EXPECTED_FOR_STATUS[BookingStatus(status)]
         if not any(row["email_type"] == expected.value for row in rows):
             reasons.append(f"{expected.value} (called for by status {status}) has no delivery row")
-    dead = tuple(str(row["email_type"]) for row in rows if row["state"] == "dead")
+    latest: dict[str, Mapping[str, Any]] = {}
+    for row in rows:
+        kept = latest.get(row["email_type"])
+        if kept is None or row["revision"] > kept["revision"]:
+            latest[row["email_type"]] = row
+    dead = tuple(sorted(t for t, row in latest.items() if row["state"] == "dead"))
     return Due(bool(reasons), tuple(reasons), dead)
 
 
@@ -56,6 +64,8 @@ def replay_plan(
     plan = f"send again through {actor} from the {'broker copy' if source == 'broker' else 'Postgres record'}"
     if delivery_state == "sent":
         plan += "; the email was already sent, so it is recorded as a duplicate and not sent again"
+    elif delivery_state == "superseded":
+        plan += "; a later change of the booking superseded this email, so it is not sent"
     elif delivery_state is not None:
         plan += (
             f"; the email (now {delivery_state}) is sent if the booking's status still calls for it"

@@ -205,6 +205,14 @@ def booking_of(letter: DeadLetter) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def revision_of(letter: DeadLetter) -> int | None:
+    """The booking revision the message asked for; ``None`` (a message without one) means
+    the booking's current revision."""
+    kwargs = letter.message.get("kwargs")
+    value = kwargs.get("revision") if isinstance(kwargs, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def letter_view(letter: DeadLetter) -> dict[str, Any]:
     source = letter.copy.message if letter.copy is not None else letter.message
     options = dict(source.get("options") or {})
@@ -562,17 +570,17 @@ class Console:
         selection = Filters(ids=tuple(ids), include_handled=True, limit=len(ids))
         with dead_letters(self.app.db, self.app.broker, self.app.settings, selection) as (found, _):
             by_id = {x.message_id: x for x in found}
-        pairs = []
+        requests = []
         for letter in found:
             booking_id = booking_of(letter)
             if booking_id and letter.email_type:
-                pairs.append((booking_id, letter.email_type))
+                requests.append((booking_id, letter.email_type, revision_of(letter)))
         with self.app.db.transaction() as conn:
-            states = queries.delivery_states(conn, pairs)
+            states = queries.delivery_states(conn, requests)
         plan = []
         for message_id in ids:
             x = by_id.get(message_id)
-            booking_id = booking_of(x) if x else None
+            key = (booking_of(x) or "", x.email_type or "", revision_of(x)) if x else None
             ok, text = replay_plan(
                 found=x is not None,
                 open_=bool(x and x.open),
@@ -580,7 +588,7 @@ class Console:
                 action=action,
                 source="broker" if x and x.copy is not None else "db",
                 actor=x.actor if x else "",
-                delivery_state=states.get((booking_id or "", x.email_type or "")) if x else None,
+                delivery_state=states.get(key) if key else None,
             )
             plan.append({"message_id": message_id, "ok": ok, "plan": text, "letter": x})
         return plan

@@ -93,13 +93,13 @@ def seed_console_data(database_url: str) -> Seeded:
         )
         pending = insert_booking(conn, venue, status="pending")
         conn.execute(
-            "INSERT INTO email_deliveries (booking_id, email_type, state, attempts, message_id, sent_at)"
-            " VALUES (%s, 'confirmed', 'sent', 1, %s, now())",
+            "INSERT INTO email_deliveries (booking_id, email_type, revision, state, attempts,"
+            " message_id, sent_at) VALUES (%s, 'confirmed', 1, 'sent', 1, %s, now())",
             (sent, f"<booking-{sent}.confirmed@example.test>"),
         )
         conn.execute(
-            "INSERT INTO email_deliveries (booking_id, email_type, state, attempts, last_error)"
-            " VALUES (%s, 'confirmed', 'dead', 1, '550 mailbox unavailable')",
+            "INSERT INTO email_deliveries (booking_id, email_type, revision, state, attempts,"
+            " last_error) VALUES (%s, 'confirmed', 1, 'dead', 1, '550 mailbox unavailable')",
             (dead,),
         )
         message_id = str(uuid.uuid4())

@@ -77,4 +77,9 @@ def test_enqueues_lost_by_the_failover_are_recovered_by_the_reconciler(
 ) -> None:
     (cut,) = [e for e in result["events"] if e["kind"] == "unreplicated_primary_kill"]
     assert cut["detail"]["enqueues acknowledged by the primary alone"] > 0
-    assert result["reconciler"].get("re-enqueued: no delivery record", 0) > 0
+    # The producer records each request before enqueueing it, so what Redis lost is a delivery
+    # row left pending, which the reconciler re-enqueues once the grace has passed.
+    recovered = result["reconciler"].get("re-enqueued: no delivery record", 0) + result[
+        "reconciler"
+    ].get("re-enqueued: stuck pending/retrying", 0)
+    assert recovered > 0, result["reconciler"]

@@ -378,6 +378,50 @@ def test_preview_says_an_already_sent_email_is_not_sent_again(
     assert "already sent, so it is recorded as a duplicate" in preview.text
 
 
+def test_booking_page_and_preview_follow_revisions(
+    operator: TestClient, seeded: Seeded, console_env: dict[str, str]
+) -> None:
+    """A booking changed twice: each revision's row is shown, the superseded one says by what,
+    and replaying the dead letter of the superseded revision is previewed as not sent."""
+    with psycopg.connect(console_env["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute(
+            "UPDATE bookings SET party_size = party_size + 1 WHERE id = %s", (seeded.dead,)
+        )
+        conn.execute(
+            "UPDATE bookings SET party_size = party_size + 1 WHERE id = %s", (seeded.dead,)
+        )
+        conn.execute(
+            "UPDATE email_deliveries SET state = 'superseded', superseded_by = 3"
+            " WHERE booking_id = %s AND revision = 1",
+            (seeded.dead,),
+        )
+        conn.execute(
+            "INSERT INTO email_deliveries (booking_id, email_type, revision, state, attempts)"
+            " VALUES (%s, 'confirmed', 3, 'sent', 1)",
+            (seeded.dead,),
+        )
+        conn.execute(
+            "UPDATE dead_letters SET message = jsonb_set(message, '{kwargs,revision}', '1')"
+            " WHERE message_id = %s",
+            (seeded.dead_message_id,),
+        )
+    page = operator.get(f"/bookings/{seeded.dead}")
+    assert page.status_code == 200
+    assert '<dd data-testid="booking-revision">3</dd>' in page.text
+    assert "superseded by revision 3" in page.text
+    assert "Given up on" not in page.text  # the latest revision was sent
+    listing = operator.get("/dead-letters")
+    preview = operator.post(
+        "/dead-letters/preview",
+        data={
+            "action": "replay",
+            "ids": [seeded.dead_message_id],
+            "csrf_token": csrf_of(listing.text),
+        },
+    )
+    assert "superseded this email, so it is not sent" in preview.text
+
+
 def test_purge_removes_the_broker_copy_and_marks_the_record(
     operator: TestClient, seeded: Seeded, console_env: dict[str, str]
 ) -> None:

@@ -119,19 +119,23 @@ def test_lookup_budget_refills_per_user() -> None:
     assert budget.take("a", now=1.0) == 0  # one token back after a second
 
 
-def row(email_type: str, state: str) -> dict[str, Any]:
-    return {"email_type": email_type, "state": state}
+def row(email_type: str, state: str, revision: int = 1) -> dict[str, Any]:
+    return {"email_type": email_type, "state": state, "revision": revision}
 
 
 def test_still_due() -> None:
     assert still_due("confirmed", [row("confirmed", "sent")]).due is False
     pending = still_due("confirmed", [row("confirmed", "retrying")])
-    assert pending.due and pending.reasons == ("confirmed is retrying",)
+    assert pending.due and pending.reasons == ("confirmed (revision 1) is retrying",)
     missing = still_due("cancelled", [row("confirmed", "sent")])
     assert missing.reasons == ("cancelled (called for by status cancelled) has no delivery row",)
     dead = still_due("confirmed", [row("confirmed", "dead")])
     assert not dead.due and dead.dead == ("confirmed",)
     assert still_due(None, [row("updated", "pending")]).due
+    mended = still_due("confirmed", [row("updated", "dead", 2), row("updated", "sent", 3)])
+    assert mended.dead == ()
+    given_up = still_due("confirmed", [row("updated", "sent", 2), row("updated", "dead", 3)])
+    assert given_up.dead == ("updated",)
 
 
 def test_replay_plan() -> None:
@@ -146,6 +150,8 @@ def test_replay_plan() -> None:
     assert ok and "from the Postgres record" in text
     ok, text = replay_plan(action="replay", delivery_state="sent", **base)
     assert ok and "not sent again" in text
+    ok, text = replay_plan(action="replay", delivery_state="superseded", **base)
+    assert ok and "superseded" in text and "not sent" in text
     ok, text = replay_plan(action="replay", delivery_state=None, **{**base, "undecodable": True})
     assert not ok and "only be purged" in text
     ok, text = replay_plan(action="purge", delivery_state=None, **{**base, "source": "broker"})
