@@ -129,6 +129,7 @@ def kill_round(
     )
 
 
+@pytest.mark.timeout(60 + 90 * ROUNDS)
 def test_repeated_kill_9_mid_send_loses_nothing_and_duplicates_only_in_the_window(
     broker: Any, db: Db, slow_sink: SmtpSink, service_env: dict[str, str], tmp_path: Path
 ) -> None:
