@@ -56,12 +56,14 @@ import signal
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email import policy
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -135,6 +137,7 @@ class Config:
             reconcile_every=4.0,
             reconcile_grace=8,
             drain_timeout=75.0,
+            second_update_after=(2.0, 12.0),  # the queue is seconds long: some go out first
             schedule_lead=(20.0, 25.0),
             short=True,
         )
@@ -345,8 +348,7 @@ class Run:
             i += 1
             status = mix.choice(STATUS_MIX)
             created = self._with_postgres(
-                "booking insert retried (Postgres down)",
-                lambda conn, status=status: insert_booking(conn, self.venue, status=status),
+                "booking insert retried (Postgres down)", partial(self._insert, status=status)
             )
             if created is None:
                 self.producer_stats["booking not created"] += 1
@@ -357,16 +359,16 @@ class Run:
             if status != "confirmed":
                 continue
             roll = mix.random()
-            step = (
+            first = (
                 "first change"
                 if roll < config.update_share
                 else "scheduled change"
                 if roll < config.update_share + config.scheduled_share
                 else None
             )
-            if step is not None:
+            if first is not None:
                 at = self.clock.now() + mix.uniform(*config.update_after)
-                heapq.heappush(follow_ups, (at, next(seq), booking_id, step))
+                heapq.heappush(follow_ups, (at, next(seq), booking_id, first))
         self.producing_done.set()
         with suppress(Exception):
             self._pconn.close()
@@ -377,8 +379,7 @@ class Run:
         """Change the booking and ask for its ``updated`` email; returns the next step, if any,
         as (seconds from now, booking, step)."""
         revision = self._with_postgres(
-            "booking change retried (Postgres down)",
-            lambda conn: int(conn.execute(CHANGE, (booking_id,)).fetchone()["revision"]),
+            "booking change retried (Postgres down)", partial(self._change, booking_id)
         )
         if revision is None:
             self.producer_stats["booking not changed"] += 1
@@ -394,6 +395,16 @@ class Run:
         if step == "first change":
             return (mix.uniform(*self.config.second_update_after), booking_id, "second change")
         return None
+
+    def _insert(self, conn: psycopg.Connection[dict[str, Any]], *, status: str) -> uuid.UUID:
+        return insert_booking(conn, self.venue, status=status)
+
+    @staticmethod
+    def _change(booking_id: str, conn: psycopg.Connection[dict[str, Any]]) -> int:
+        """A real change of a guest-visible column: the trigger bumps the revision."""
+        row = conn.execute(CHANGE, (booking_id,)).fetchone()
+        assert row is not None, f"booking {booking_id} not found"
+        return int(row["revision"])
 
     def _with_postgres(
         self, retried: str, write: Callable[[psycopg.Connection[dict[str, Any]]], T]
