@@ -2,8 +2,8 @@
 
 A producer thread creates bookings at a steady rate and calls ``send_booking_email.send`` for
 each, as the booking service would: the status email of every booking, and for a share of the
-confirmed ones real changes (``party_size`` + 1, which bumps ``bookings.revision``) each
-followed by an ``updated`` email:
+confirmed ones (spread evenly over them) real changes (``party_size`` + 1, which bumps
+``bookings.revision``) each followed by an ``updated`` email:
 
 - ``update_share`` of them change twice, the second change a few seconds after the first, so
   that some first ``updated`` emails are sent before the second change and some are superseded
@@ -327,26 +327,32 @@ class Run:
         for ``updated`` emails (two changes a few seconds apart, or one change and an email
         scheduled ahead), at their due times between the next bookings."""
         config = self.config
-        mix = random.Random(f"chaos-mix-{config.seed}")  # its own: the same mix on every run
+        # Its own generator, drawn the same way for every booking: the same mix on every run.
+        mix = random.Random(f"chaos-mix-{config.seed}")
         rate = config.bookings / config.produce_seconds
         self._pconn = self._connect()
-        follow_ups: list[tuple[float, int, str, str]] = []  # (run time, seq, booking, step)
+        # (run time, seq, booking, step, seconds: to the second change, or the schedule's lead)
+        follow_ups: list[tuple[float, int, str, str, float]] = []
         seq = itertools.count()
+        # The shares are spread evenly over the confirmed bookings (exact, not drawn).
+        confirmed = changed_twice = scheduled = 0
         i = 0
         while i < config.bookings or follow_ups:
             next_booking = i / rate if i < config.bookings else float("inf")
             if follow_ups and follow_ups[0][0] <= next_booking:
-                at, _, booking_id, step = heapq.heappop(follow_ups)
+                at, _, booking_id, step, seconds = heapq.heappop(follow_ups)
                 if not self.clock.sleep_until(at, self.stop):
                     return
-                then = self._follow_up(booking_id, step, mix)
-                if then is not None:
-                    heapq.heappush(follow_ups, (self.clock.now() + then[0], next(seq), *then[1:]))
+                if self._follow_up(booking_id, step, seconds) and step == "first change":
+                    at = self.clock.now() + seconds
+                    heapq.heappush(follow_ups, (at, next(seq), booking_id, "second change", 0.0))
                 continue
             if not self.clock.sleep_until(next_booking, self.stop):
                 return
             i += 1
             status = mix.choice(STATUS_MIX)
+            after, gap = mix.uniform(*config.update_after), mix.uniform(*config.second_update_after)
+            lead = mix.uniform(*config.schedule_lead)
             created = self._with_postgres(
                 "booking insert retried (Postgres down)", partial(self._insert, status=status)
             )
@@ -358,43 +364,31 @@ class Run:
             self._request(booking_id, EXPECTED_TYPE[status], 1)
             if status != "confirmed":
                 continue
-            roll = mix.random()
-            first = (
-                "first change"
-                if roll < config.update_share
-                else "scheduled change"
-                if roll < config.update_share + config.scheduled_share
-                else None
-            )
-            if first is not None:
-                at = self.clock.now() + mix.uniform(*config.update_after)
-                heapq.heappush(follow_ups, (at, next(seq), booking_id, first))
+            confirmed += 1
+            at = self.clock.now() + after
+            if int(confirmed * config.update_share) > changed_twice:
+                changed_twice += 1
+                heapq.heappush(follow_ups, (at, next(seq), booking_id, "first change", gap))
+            elif int(confirmed * config.scheduled_share + 0.5) > scheduled:
+                scheduled += 1
+                heapq.heappush(follow_ups, (at, next(seq), booking_id, "scheduled change", lead))
         self.producing_done.set()
         with suppress(Exception):
             self._pconn.close()
 
-    def _follow_up(
-        self, booking_id: str, step: str, mix: random.Random
-    ) -> tuple[float, str, str] | None:
-        """Change the booking and ask for its ``updated`` email; returns the next step, if any,
-        as (seconds from now, booking, step)."""
+    def _follow_up(self, booking_id: str, step: str, lead: float) -> bool:
+        """Change the booking and ask for its ``updated`` email (``scheduled change``: ``lead``
+        seconds ahead); False if the change could not be made."""
         revision = self._with_postgres(
             "booking change retried (Postgres down)", partial(self._change, booking_id)
         )
         if revision is None:
             self.producer_stats["booking not changed"] += 1
-            return None
+            return False
         self.producer_stats["booking changes"] += 1
-        if step == "scheduled change":
-            lead = mix.uniform(*self.config.schedule_lead)
-            self._request(
-                booking_id, "updated", revision, datetime.now(UTC) + timedelta(seconds=lead)
-            )
-            return None
-        self._request(booking_id, "updated", revision)
-        if step == "first change":
-            return (mix.uniform(*self.config.second_update_after), booking_id, "second change")
-        return None
+        due = datetime.now(UTC) + timedelta(seconds=lead) if step == "scheduled change" else None
+        self._request(booking_id, "updated", revision, due)
+        return True
 
     def _insert(self, conn: psycopg.Connection[dict[str, Any]], *, status: str) -> uuid.UUID:
         return insert_booking(conn, self.venue, status=status)
