@@ -954,6 +954,7 @@ def summarise(
         "early_detail": early,
         "min_schedule_margin_s": round(min(margins), 3) if margins else None,
         "max_schedule_margin_s": round(max(margins), 3) if margins else None,
+        "schedule_margins_s": sorted(round(m, 2) for m in margins),
         "superseded": sum(o.state == "superseded" for o in outcomes),
         "superseded_but_received": len(sent_superseded),
         "superseded_but_received_detail": sent_superseded,
