@@ -1,32 +1,53 @@
 """``make chaos``: send the emails of N bookings while workers, Redis, Postgres and SMTP fail.
 
 A producer thread creates bookings at a steady rate and calls ``send_booking_email.send`` for
-each, as the booking service would. Real worker processes consume the queue. At random moments
-(seeded) the run:
+each, as the booking service would: the status email of every booking, and for a share of the
+confirmed ones (spread evenly over them) real changes (``party_size`` + 1, which bumps
+``bookings.revision``) each followed by an ``updated`` email:
+
+- ``update_share`` of them change twice, the second change a few seconds after the first, so
+  that some first ``updated`` emails are sent before the second change and some are superseded
+  by it (coalesced into the later revision, nothing sent);
+- ``scheduled_share`` of them change once and ask for an ``updated`` email ``scheduled_for``
+  minutes ahead (seconds in ``--short``), which must never be sent before its time.
+
+Real worker processes consume the queue. At random moments (seeded) the run:
 
 - ``kill -9``s a worker process (Dramatiq's parent then stops its siblings and exits; a
   supervisor restarts the group, as Kubernetes restarts the pod);
 - restarts Redis (append-only file on: the queue comes back from the AOF);
 - empties Redis (``FLUSHALL``: only the reconciler can recover what was queued);
-- restarts Postgres;
+- restarts Postgres (the producer retries its inserts and changes, as the booking service
+  would);
 - takes the SMTP server down for ``--smtp-down`` seconds.
 
 A reconciler thread runs ``reconcile`` every few seconds, as the chart's CronJob does. Dead
-letters, if any, are replayed after the disruptions (the runbook's procedure). The run ends when
-every expected email is recorded ``sent`` and has reached the SMTP server, or at a deadline.
-It then counts unique Message-IDs at the SMTP server: lost = expected - received, duplicates =
-copies beyond the first; each duplicate is matched to the disruption that caused it.
+letters, if any, are replayed after the disruptions (the runbook's procedure).
+
+The producer notes every request it made as (booking, type, revision, ``scheduled_for``); the
+revision is the one ``send()`` recorded and put in the message (when Postgres was unreachable
+the message carries none and the worker takes the revision current when it runs: such a request
+is answered by an email at that revision or a later one). The SMTP server's messages are counted
+by Message-ID, ``<booking-ID.TYPE.rREVISION@...>``. Per (booking, type): a request is lost when
+it is the latest and no email at its revision or a later one arrived, or when it is an earlier
+one that neither arrived nor was recorded ``superseded``; duplicates are copies beyond the first
+of one Message-ID, each matched to the disruption that caused it; a superseded request whose
+email arrived anyway, and a scheduled email that arrived before its ``scheduled_for``, are
+failures. The run ends when every request's delivery row is ``sent`` or ``superseded`` and every
+email that must arrive has, or at a deadline (which also covers the scheduled emails).
 
 Usage: ``python -m bench.chaos [--bookings N] [--seed S] [--short] [--out DIR]``. A full run
 writes ``bench/results/chaos.md`` and ``chaos.json``; ``--short`` is the small version that
 ``tests/e2e/chaos/test_chaos_short.py`` runs (results only with ``--out``). Exit status 0 means
-nothing lost, every duplicate explained and every dead letter accounted for.
+nothing lost, nothing early, no superseded email sent, every duplicate explained and every dead
+letter accounted for.
 """
 
 from __future__ import annotations
 
 import argparse
 import email
+import heapq
 import itertools
 import json
 import os
@@ -35,13 +56,16 @@ import signal
 import tempfile
 import threading
 import time
-from collections import Counter
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field, replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from email import policy
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -58,6 +82,11 @@ RESULTS = ROOT / "bench" / "results"
 QUEUE = "pending-booking-emails"
 STATUS_MIX = ("pending", "confirmed", "confirmed", "cancelled")
 EXPECTED_TYPE = {"pending": "request_received", "confirmed": "confirmed", "cancelled": "cancelled"}
+CHANGE = "UPDATE bookings SET party_size = party_size + 1 WHERE id = %s RETURNING revision"
+DONE = ("sent", "superseded")
+Key = tuple[str, str, int]
+"""A Message-ID's (booking, email type, revision)."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,6 +113,11 @@ class Config:
     restart_delay: float = 1.0
     settle: float = 3.0
     drain_timeout: float = 300.0
+    update_share: float = 0.15
+    update_after: tuple[float, float] = (0.5, 3.0)
+    second_update_after: tuple[float, float] = (1.0, 5.0)
+    scheduled_share: float = 0.05
+    schedule_lead: tuple[float, float] = (120.0, 180.0)
     short: bool = False
 
     @classmethod
@@ -103,9 +137,32 @@ class Config:
             reconcile_every=4.0,
             reconcile_grace=8,
             drain_timeout=75.0,
+            second_update_after=(2.0, 12.0),  # the queue is seconds long: some go out first
+            schedule_lead=(20.0, 25.0),
             short=True,
         )
         return replace(base, **overrides)
+
+
+@dataclass(frozen=True)
+class EmailRequest:
+    """One ``send_booking_email.send`` call of the producer.
+
+    ``revision`` is the booking revision the request is about: the one ``send()`` recorded and
+    put in the message, or (``recorded`` False: Postgres was unreachable, the message carries
+    none) the revision the producer's own write returned, a lower bound of the one the worker
+    takes. ``at`` is the run time of the call."""
+
+    booking_id: str
+    type: str
+    revision: int
+    recorded: bool
+    scheduled_for: datetime | None
+    at: float
+
+    @property
+    def key(self) -> Key:
+        return (self.booking_id, self.type, self.revision)
 
 
 @dataclass
@@ -206,10 +263,7 @@ class Run:
         stack.callback(self._close_app)
         self.conn = self._connect()
         self.venue = insert_venue(self.conn, name="Chaos Bistro")
-        self.expected: dict[tuple[str, str], float] = {}
-        self.producer_stats: Counter[str] = Counter()
-        self.reconciler_stats: Counter[str] = Counter()
-        self.replayed: list[dict[str, Any]] = []
+        self._init_tallies()
         self.events = plan(config, self.rng)
         self.pod_restarts = 0
         self.worker_log = self.work / "worker.log"
@@ -218,6 +272,14 @@ class Run:
         self.clock = Clock()
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _init_tallies(self) -> None:
+        """What the producer, the reconciler and the replays note (subclasses call it too)."""
+        self.requests: list[EmailRequest] = []
+        self.bookings_produced = 0
+        self.producer_stats: Counter[str] = Counter()
+        self.reconciler_stats: Counter[str] = Counter()
+        self.replayed: list[dict[str, Any]] = []
 
     def _connect(self) -> psycopg.Connection[dict[str, Any]]:
         return psycopg.connect(
@@ -260,45 +322,134 @@ class Run:
     # -- the actors of the run --------------------------------------------------------------
 
     def producer(self) -> None:
-        """Create each booking, then call ``send_booking_email.send`` like the booking service."""
-        from service.actors.emails import EmailNotAccepted, send_booking_email
-
-        rate = self.config.bookings / self.config.produce_seconds
-        conn = self._connect()
-        for i in range(self.config.bookings):
-            if not self.clock.sleep_until(i / rate, self.stop):
+        """Create each booking and call ``send_booking_email.send`` for its status, like the
+        booking service; then, for a share of the confirmed bookings, make real changes and ask
+        for ``updated`` emails (two changes a few seconds apart, or one change and an email
+        scheduled ahead), at their due times between the next bookings."""
+        config = self.config
+        # Its own generator, drawn the same way for every booking: the same mix on every run.
+        mix = random.Random(f"chaos-mix-{config.seed}")
+        rate = config.bookings / config.produce_seconds
+        self._pconn = self._connect()
+        # (run time, seq, booking, step, seconds: to the second change, or the schedule's lead)
+        follow_ups: list[tuple[float, int, str, str, float]] = []
+        seq = itertools.count()
+        # The shares are spread evenly over the confirmed bookings (exact, not drawn).
+        confirmed = changed_twice = scheduled = 0
+        i = 0
+        while i < config.bookings or follow_ups:
+            next_booking = i / rate if i < config.bookings else float("inf")
+            if follow_ups and follow_ups[0][0] <= next_booking:
+                at, _, booking_id, step, seconds = heapq.heappop(follow_ups)
+                if not self.clock.sleep_until(at, self.stop):
+                    return
+                if self._follow_up(booking_id, step, seconds) and step == "first change":
+                    at = self.clock.now() + seconds
+                    heapq.heappush(follow_ups, (at, next(seq), booking_id, "second change", 0.0))
+                continue
+            if not self.clock.sleep_until(next_booking, self.stop):
                 return
-            status = self.rng.choice(STATUS_MIX)
-            booking_id = None
-            for _ in range(120):  # a request the booking service would retry, ~60 s at most
-                try:
-                    booking_id = insert_booking(conn, self.venue, status=status)
-                    break
-                except psycopg.OperationalError:
-                    self.producer_stats["booking insert retried (Postgres down)"] += 1
-                    with suppress(Exception):
-                        conn.close()
-                    time.sleep(0.5)
-                    with suppress(psycopg.OperationalError):
-                        conn = self._connect()
-            if booking_id is None:
+            i += 1
+            status = mix.choice(STATUS_MIX)
+            after, gap = mix.uniform(*config.update_after), mix.uniform(*config.second_update_after)
+            lead = mix.uniform(*config.schedule_lead)
+            created = self._with_postgres(
+                "booking insert retried (Postgres down)", partial(self._insert, status=status)
+            )
+            if created is None:
                 self.producer_stats["booking not created"] += 1
                 continue
-            key = (str(booking_id), EXPECTED_TYPE[status])
-            self.expected[key] = self.clock.now()
-            for _ in range(120):
-                try:
-                    send_booking_email.send(str(booking_id), EXPECTED_TYPE[status])
-                    self.producer_stats["send() accepted"] += 1
-                    break
-                except EmailNotAccepted:
-                    self.producer_stats["send() raised EmailNotAccepted (retried)"] += 1
-                    time.sleep(0.5)
-            else:
-                self.producer_stats["send() never accepted"] += 1
+            booking_id = str(created)
+            self.bookings_produced += 1
+            self._request(booking_id, EXPECTED_TYPE[status], 1)
+            if status != "confirmed":
+                continue
+            confirmed += 1
+            at = self.clock.now() + after
+            if int(confirmed * config.update_share) > changed_twice:
+                changed_twice += 1
+                heapq.heappush(follow_ups, (at, next(seq), booking_id, "first change", gap))
+            elif int(confirmed * config.scheduled_share + 0.5) > scheduled:
+                scheduled += 1
+                heapq.heappush(follow_ups, (at, next(seq), booking_id, "scheduled change", lead))
         self.producing_done.set()
         with suppress(Exception):
-            conn.close()
+            self._pconn.close()
+
+    def _follow_up(self, booking_id: str, step: str, lead: float) -> bool:
+        """Change the booking and ask for its ``updated`` email (``scheduled change``: ``lead``
+        seconds ahead); False if the change could not be made."""
+        revision = self._with_postgres(
+            "booking change retried (Postgres down)", partial(self._change, booking_id)
+        )
+        if revision is None:
+            self.producer_stats["booking not changed"] += 1
+            return False
+        self.producer_stats["booking changes"] += 1
+        due = datetime.now(UTC) + timedelta(seconds=lead) if step == "scheduled change" else None
+        self._request(booking_id, "updated", revision, due)
+        return True
+
+    def _insert(self, conn: psycopg.Connection[dict[str, Any]], *, status: str) -> uuid.UUID:
+        return insert_booking(conn, self.venue, status=status)
+
+    @staticmethod
+    def _change(booking_id: str, conn: psycopg.Connection[dict[str, Any]]) -> int:
+        """A real change of a guest-visible column: the trigger bumps the revision."""
+        row = conn.execute(CHANGE, (booking_id,)).fetchone()
+        assert row is not None, f"booking {booking_id} not found"
+        return int(row["revision"])
+
+    def _with_postgres(
+        self, retried: str, write: Callable[[psycopg.Connection[dict[str, Any]]], T]
+    ) -> T | None:
+        """``write`` on the producer's connection, retried (reconnecting) for about a minute
+        while Postgres is unreachable, as the booking service would retry the request."""
+        for _ in range(120):
+            try:
+                return write(self._pconn)
+            except psycopg.OperationalError:
+                self.producer_stats[retried] += 1
+                with suppress(Exception):
+                    self._pconn.close()
+                time.sleep(0.5)
+                with suppress(psycopg.OperationalError):
+                    self._pconn = self._connect()
+        return None
+
+    def _request(
+        self, booking_id: str, email_type: str, revision: int, scheduled_for: datetime | None = None
+    ) -> None:
+        """``send_booking_email.send``, retried while it raises EmailNotAccepted; notes the
+        request with the revision its message carries."""
+        from service.actors.emails import EmailNotAccepted, send_booking_email
+
+        at = self.clock.now()
+        extra = {} if scheduled_for is None else {"scheduled_for": scheduled_for}
+        carried = None
+        for _ in range(120):
+            try:
+                message = send_booking_email.send(booking_id, email_type, **extra)
+                self.producer_stats["send() accepted"] += 1
+                carried = (
+                    message.kwargs.get("revision") if isinstance(message.kwargs, dict) else None
+                )
+                break
+            except EmailNotAccepted:
+                self.producer_stats["send() raised EmailNotAccepted (retried)"] += 1
+                time.sleep(0.5)
+        else:
+            self.producer_stats["send() never accepted"] += 1
+        self.requests.append(
+            EmailRequest(
+                booking_id=booking_id,
+                type=email_type,
+                revision=int(carried) if carried is not None else revision,
+                recorded=carried is not None,
+                scheduled_for=scheduled_for,
+                at=at,
+            )
+        )
 
     def reconciler(self) -> None:
         """``reconcile`` every few seconds, as the CronJob runs it; failures wait for the next run."""
@@ -409,12 +560,22 @@ class Run:
 
     # -- after the storm --------------------------------------------------------------------
 
-    def delivery_states(self) -> dict[tuple[str, str], str]:
+    def delivery_rows(self) -> dict[Key, str]:
+        """The state of every delivery row, by (booking, type, revision)."""
         rows = self.conn.execute(
-            "SELECT DISTINCT ON (booking_id, email_type) booking_id, email_type, state"
-            " FROM email_deliveries ORDER BY booking_id, email_type, revision DESC"
+            "SELECT booking_id, email_type, revision, state FROM email_deliveries"
+        ).fetchall()
+        return {
+            (str(r["booking_id"]), r["email_type"], int(r["revision"])): r["state"] for r in rows
+        }
+
+    def account(self, received: Received | None = None) -> Accounting:
+        """Each request against the delivery rows and the SMTP server's messages."""
+        return account(
+            self.requests,
+            received_ids(self.sink) if received is None else received,
+            self.delivery_rows(),
         )
-        return {(str(r["booking_id"]), r["email_type"]): r["state"] for r in rows.fetchall()}
 
     def replay_dead_letters(self) -> None:
         """The runbook's replay: re-enqueue each open email dead letter (not invalid payloads)."""
@@ -435,19 +596,26 @@ class Run:
             self.replayed.append({"message_id": row["message_id"], "reason": row["reason"]})
 
     def drain(self) -> float | None:
-        """Wait until every expected email is sent and at the SMTP server; seconds it took."""
+        """Wait until every request's delivery row is ``sent`` or ``superseded`` and every email
+        that must arrive is at the SMTP server; seconds it took. The deadline runs from the
+        drain's start, or from the latest ``scheduled_for`` if that is later."""
         started = self.clock.now()
-        deadline = time.monotonic() + self.config.drain_timeout
-        while time.monotonic() < deadline:
+        due = [
+            self.clock.wall_to_run(r.scheduled_for.timestamp())
+            for r in self.requests
+            if r.scheduled_for is not None
+        ]
+        end = max([started, *due]) + self.config.drain_timeout
+        while self.clock.now() < end:
             with suppress(psycopg.Error):
                 if self.conn.closed:
                     self.conn = self._connect()
                 self.replay_dead_letters()
-                states = self.delivery_states()
-                if all(states.get(k) == "sent" for k in self.expected):
-                    received = set(received_ids(self.sink).ids)
-                    if set(self.expected) <= received:
-                        return self.clock.now() - started
+                rows = self.delivery_rows()
+                index = RowIndex(rows)
+                done = all(index.state(r) in DONE for r in self.requests)
+                if done and not account(self.requests, received_ids(self.sink), rows).lost:
+                    return self.clock.now() - started
             time.sleep(1.0)
         return None
 
@@ -470,30 +638,145 @@ def _running(pid: int) -> bool:
 
 @dataclass
 class Received:
-    ids: Counter[tuple[str, str]]
-    times: dict[tuple[str, str], list[float]]
+    """The SMTP server's messages by Message-ID: copies, and when each copy was stored (wall
+    clock, the file's mtime); ``foreign`` counts messages with no booking Message-ID."""
+
+    ids: Counter[Key]
+    times: dict[Key, list[float]]
     foreign: int
+
+    def first(self, key: Key) -> float:
+        return min(self.times[key])
+
+
+def parse_message_id(mid: str) -> Key | None:
+    """``<booking-ID.TYPE.rREVISION@domain>`` as (booking, type, revision); None otherwise."""
+    local = mid.strip().strip("<>").split("@", 1)[0]
+    if not local.startswith("booking-"):
+        return None
+    parts = local.removeprefix("booking-").split(".")
+    if len(parts) != 3 or not parts[2].startswith("r") or not parts[2][1:].isdigit():
+        return None
+    return (parts[0], parts[1], int(parts[2][1:]))
 
 
 def received_ids(sink: SmtpSink) -> Received:
-    """Count the SMTP server's messages by (booking, type), from their deterministic Message-ID."""
-    ids: Counter[tuple[str, str]] = Counter()
-    times: dict[tuple[str, str], list[float]] = {}
+    """Count the SMTP server's messages by (booking, type, revision), from their deterministic
+    Message-ID."""
+    ids: Counter[Key] = Counter()
+    times: dict[Key, list[float]] = {}
     foreign = 0
     for path in sorted(sink.store.glob("*.eml")):
         with path.open("rb") as fh:
             head = fh.read(8192)
         msg = email.message_from_bytes(head, policy=policy.compat32)
-        mid = str(msg.get("Message-ID", "")).strip().strip("<>")
-        try:
-            local = mid.split("@", 1)[0].removeprefix("booking-")
-            booking, kind = local.split(".", 2)[:2]  # <booking-ID.TYPE.rREVISION@...>
-        except ValueError:
+        key = parse_message_id(str(msg.get("Message-ID", "")))
+        if key is None:
             foreign += 1
             continue
-        ids[(booking, kind)] += 1
-        times.setdefault((booking, kind), []).append(path.stat().st_mtime)
+        ids[key] += 1
+        times.setdefault(key, []).append(path.stat().st_mtime)
     return Received(ids, times, foreign)
+
+
+class RowIndex:
+    """The delivery rows, to find the row of a request."""
+
+    def __init__(self, rows: dict[Key, str]) -> None:
+        self.rows = rows
+        self.revisions: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for booking, kind, revision in sorted(rows):
+            self.revisions[(booking, kind)].append(revision)
+
+    def row_of(self, request: EmailRequest) -> Key | None:
+        """The request's own row; for a request whose message carried no revision, the first
+        row at its revision or a later one (the worker took the revision current when it ran)."""
+        if request.recorded:
+            return request.key if request.key in self.rows else None
+        pair = (request.booking_id, request.type)
+        later = [v for v in self.revisions.get(pair, ()) if v >= request.revision]
+        return (*pair, later[0]) if later else None
+
+    def state(self, request: EmailRequest) -> str:
+        row = self.row_of(request)
+        return "missing" if row is None else self.rows[row]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one request. ``answer``: the Message-ID that arrived for it (its own, or
+    for the latest request of its booking and type, or one whose message carried no revision, a
+    later revision's); ``verdict``: ``received``, ``superseded`` (coalesced into a later
+    request, nothing sent) or ``lost``; ``sent_superseded``: recorded superseded, yet its own
+    email arrived."""
+
+    request: EmailRequest
+    state: str
+    answer: Key | None
+    verdict: str
+    sent_superseded: bool
+    latest: bool
+
+
+@dataclass
+class Accounting:
+    outcomes: list[Outcome]
+    unexpected: list[Key]
+    """Message-IDs at the SMTP server that answer no request."""
+
+    @property
+    def lost(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.verdict == "lost"]
+
+    def answered(self) -> dict[Key, list[Outcome]]:
+        out: dict[Key, list[Outcome]] = defaultdict(list)
+        for o in self.outcomes:
+            if o.answer is not None:
+                out[o.answer].append(o)
+        return out
+
+
+def account(requests: list[EmailRequest], received: Received, rows: dict[Key, str]) -> Accounting:
+    """Per (booking, type): the latest request is lost unless an email at its revision or a
+    later one arrived; an earlier one is lost unless its email arrived or its row was recorded
+    ``superseded``. A request whose message carried no revision is answered by the first email
+    at its revision or a later one."""
+    index = RowIndex(rows)
+    got: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for booking, kind, revision in sorted(received.ids):
+        got[(booking, kind)].append(revision)
+    groups: dict[tuple[str, str], list[EmailRequest]] = defaultdict(list)
+    for r in requests:
+        groups[(r.booking_id, r.type)].append(r)
+    outcomes = []
+    for pair, group in groups.items():
+        latest = max(r.revision for r in group)
+        for r in group:
+            row = index.row_of(r)
+            state = "missing" if row is None else rows[row]
+            later = [v for v in got.get(pair, ()) if v >= r.revision]
+            answer: Key | None = None
+            if r.key in received.ids:
+                answer, verdict = r.key, "received"
+            elif state == "superseded" and r.revision < latest:
+                verdict = "superseded"
+            elif later and (r.revision == latest or not r.recorded):
+                answer, verdict = (*pair, later[0]), "received"
+            else:
+                verdict = "lost"
+            outcomes.append(
+                Outcome(
+                    request=r,
+                    state=state,
+                    answer=answer,
+                    verdict=verdict,
+                    sent_superseded=state == "superseded" and row in received.ids,
+                    latest=r.revision == latest,
+                )
+            )
+    answers = {o.answer for o in outcomes}
+    unexpected = sorted(k for k in received.ids if k not in answers)
+    return Accounting(outcomes, unexpected)
 
 
 def explain_duplicate(first_copy: float, events: list[Event]) -> str:
@@ -547,7 +830,8 @@ def execute(config: Config) -> dict[str, Any]:
             threads[3].join(len(run.events) * 200 + config.smtp_down)
             last_disruption = max((e.ended or 0.0) for e in run.events)
             say(
-                f"produced {len(run.expected)} bookings; all disruptions done at "
+                f"produced {run.bookings_produced} bookings, {len(run.requests)} email "
+                f"requests; all disruptions done at "
                 f"t={last_disruption:.1f}s; draining"
             )
             drained_in = run.drain()
@@ -567,57 +851,85 @@ def summarise(
 ) -> dict[str, Any]:
     config, clock = run.config, run.clock
     received = received_ids(run.sink)
-    expected = set(run.expected)
-    lost = sorted(expected - set(received.ids))
-    unexpected = sorted(set(received.ids) - expected)
+    rows = run.delivery_rows()
+    acc = account(run.requests, received, rows)
+    outcomes = acc.outcomes
+    answered = acc.answered()
     duplicates: list[dict[str, Any]] = []
     for key, n in sorted(received.ids.items()):
         if n > 1:
-            first = clock.wall_to_run(min(received.times[key]))
+            first = clock.wall_to_run(received.first(key))
             duplicates.append(
                 {
                     "booking_id": key[0],
                     "type": key[1],
+                    "revision": key[2],
                     "copies": n,
                     "first_copy_at": round(first, 2),
                     "cause": explain_duplicate(first, run.events),
                 }
             )
-    states = run.delivery_states()
-    state_counts = Counter(states.get(k, "missing") for k in expected)
-    dead_rows = run.conn.execute(
-        "SELECT message_id, message, reason, error, failed_at, replayed_at FROM dead_letters"
-        " ORDER BY failed_at"
-    ).fetchall()
-    dead_letters = []
-    for row in dead_rows:
-        kwargs = row["message"].get("kwargs") or {}
-        key = (str(kwargs.get("booking_id")), str(kwargs.get("type")))
-        dead_letters.append(
-            {
-                "message_id": row["message_id"],
-                "reason": row["reason"],
-                "error": row["error"],
-                "booking_id": key[0],
-                "type": key[1],
-                "replayed": row["replayed_at"] is not None,
-                "final_state": states.get(key, "missing"),
-                "received": received.ids.get(key, 0),
-            }
-        )
-    accounted = all(d["final_state"] == "sent" and d["received"] >= 1 for d in dead_letters)
-    lost_detail = [
-        {"booking_id": b, "type": t, "state": states.get((b, t), "missing")} for b, t in lost
-    ]
-    total_dups = sum(d["copies"] - 1 for d in duplicates)
-    ok = (
-        not lost
-        and all(d["cause"] != "unexplained" for d in duplicates)
-        and accounted
-        and all_delivered_at is not None
+    state_counts = Counter(o.state for o in outcomes)
+    dead_letters = dead_letter_report(run, rows, received)
+    accounted = all(
+        (d["final_state"] == "sent" and d["received"] >= 1) or d["final_state"] == "superseded"
+        for d in dead_letters
     )
-    return {
-        "ok": ok,
+    lost_detail = [
+        {
+            "booking_id": o.request.booking_id,
+            "type": o.request.type,
+            "revision": o.request.revision,
+            "recorded": o.request.recorded,
+            "latest": o.latest,
+            "scheduled_for": None
+            if o.request.scheduled_for is None
+            else o.request.scheduled_for.isoformat(),
+            "state": o.state,
+        }
+        for o in acc.lost
+    ]
+    sent_superseded = [
+        {
+            "booking_id": o.request.booking_id,
+            "type": o.request.type,
+            "revision": o.request.revision,
+            "first_copy_at": round(clock.wall_to_run(received.first(o.request.key)), 2)
+            if o.request.key in received.ids
+            else None,
+        }
+        for o in outcomes
+        if o.sent_superseded
+    ]
+    scheduled = [o for o in outcomes if o.request.scheduled_for is not None]
+    margins: list[float] = []
+    early: list[dict[str, Any]] = []
+    for o in scheduled:
+        if o.answer is None:
+            continue
+        assert o.request.scheduled_for is not None
+        margin = received.first(o.answer) - o.request.scheduled_for.timestamp()
+        margins.append(margin)
+        if margin < 0:
+            early.append(
+                {
+                    "booking_id": o.request.booking_id,
+                    "revision": o.request.revision,
+                    "scheduled_for": o.request.scheduled_for.isoformat(),
+                    "seconds_early": round(-margin, 3),
+                }
+            )
+    updates = [
+        o for o in outcomes if o.request.type == "updated" and o.request.scheduled_for is None
+    ]
+    first_updates = Counter(o.verdict for o in updates if not o.latest)
+    unscheduled = {
+        key for key, got in answered.items() if any(o.request.scheduled_for is None for o in got)
+    }
+    unscheduled_at = max((clock.wall_to_run(received.first(k)) for k in unscheduled), default=None)
+    total_dups = sum(d["copies"] - 1 for d in duplicates)
+    result = {
+        "ok": False,
         "command": "python -m bench.chaos"
         + (" --short" if config.short else "")
         + (
@@ -627,14 +939,34 @@ def summarise(
         )
         + ("" if config.seed == 1 else f" --seed {config.seed}"),
         "config": asdict(config),
-        "expected": len(expected),
+        "bookings_produced": run.bookings_produced,
+        "expected": len(outcomes),
+        "status_emails": sum(o.request.type != "updated" for o in outcomes),
+        "updates": len(updates),
+        "updated_bookings": len({o.request.booking_id for o in updates}),
+        "first_updates": {
+            "sent before the second change": first_updates.get("received", 0),
+            "superseded by the second change": first_updates.get("superseded", 0),
+            "lost": first_updates.get("lost", 0),
+        },
+        "scheduled": len(scheduled),
+        "early": len(early),
+        "early_detail": early,
+        "min_schedule_margin_s": round(min(margins), 3) if margins else None,
+        "max_schedule_margin_s": round(max(margins), 3) if margins else None,
+        "schedule_margins_s": sorted(round(m, 2) for m in margins),
+        "superseded": sum(o.state == "superseded" for o in outcomes),
+        "superseded_but_received": len(sent_superseded),
+        "superseded_but_received_detail": sent_superseded,
+        "unrecorded_requests": sum(not o.request.recorded for o in outcomes),
+        "coalesced": sum(len(got) - 1 for got in answered.values()),
         "received_unique": len(received.ids),
         "received_total": sum(received.ids.values()),
-        "lost": len(lost),
+        "lost": len(lost_detail),
         "lost_detail": lost_detail,
         "duplicates": total_dups,
         "duplicate_detail": duplicates,
-        "unexpected_emails": len(unexpected) + received.foreign,
+        "unexpected_emails": len(acc.unexpected) + received.foreign,
         "delivery_states": dict(state_counts),
         "dead_letters": dead_letters,
         "dead_letters_replayed": len(run.replayed),
@@ -646,12 +978,61 @@ def summarise(
         "pod_restarts": run.pod_restarts,
         "last_disruption_ended_at": round(last_disruption, 1),
         "all_delivered_at": None if all_delivered_at is None else round(all_delivered_at, 1),
+        "unscheduled_delivered_at": None if unscheduled_at is None else round(unscheduled_at, 1),
         "queue_left_over": quiet,
         "wall_seconds": round(clock.now(), 1),
-        "throughput_emails_per_s": round(len(expected) / all_delivered_at, 1)
-        if all_delivered_at
+        "throughput_emails_per_s": round(len(unscheduled) / unscheduled_at, 1)
+        if unscheduled_at
         else None,
     }
+    result["ok"] = passed(result)
+    return result
+
+
+def passed(result: dict[str, Any]) -> bool:
+    """Nothing lost, nothing sent early, no superseded email sent, every duplicate explained,
+    every dead letter accounted for, and the drain finished."""
+    return (
+        not result["lost"]
+        and not result["early"]
+        and not result["superseded_but_received"]
+        and all(d["cause"] != "unexplained" for d in result["duplicate_detail"])
+        and result["dead_letters_accounted"]
+        and result["all_delivered_at"] is not None
+    )
+
+
+def dead_letter_report(run: Run, rows: dict[Key, str], received: Received) -> list[dict[str, Any]]:
+    """Each dead letter with the final state of the request it was about (a message without a
+    revision: the latest row of its booking and type) and the copies that arrived."""
+    dead_rows = run.conn.execute(
+        "SELECT message_id, message, reason, error, failed_at, replayed_at FROM dead_letters"
+        " ORDER BY failed_at"
+    ).fetchall()
+    index = RowIndex(rows)
+    out = []
+    for row in dead_rows:
+        kwargs = row["message"].get("kwargs") or {}
+        pair = (str(kwargs.get("booking_id")), str(kwargs.get("type")))
+        revision = kwargs.get("revision")
+        if revision is None:
+            revisions = index.revisions.get(pair, [])
+            revision = revisions[-1] if revisions else None
+        key = None if revision is None else (*pair, int(revision))
+        out.append(
+            {
+                "message_id": row["message_id"],
+                "reason": row["reason"],
+                "error": row["error"],
+                "booking_id": pair[0],
+                "type": pair[1],
+                "revision": revision,
+                "replayed": row["replayed_at"] is not None,
+                "final_state": rows.get(key, "missing") if key else "missing",
+                "received": received.ids.get(key, 0) if key else 0,
+            }
+        )
+    return out
 
 
 def producer_decisions() -> dict[str, int]:
@@ -671,7 +1052,13 @@ def table(result: dict[str, Any]) -> str:
     ev = {e["kind"]: e for e in result["events"]}
     kills = [e for e in result["events"] if e["kind"] == "kill_9"]
     rows = [
-        ("bookings / emails expected", f"{c['bookings']} / {result['expected']}"),
+        (
+            "bookings / email requests",
+            f"{result['bookings_produced']} / {result['expected']}: {result['status_emails']} "
+            f"status, {result['updates']} `updated` after two changes on "
+            f"{result['updated_bookings']} bookings, {result['scheduled']} `updated` scheduled "
+            f"{c['schedule_lead'][0]:g}-{c['schedule_lead'][1]:g} s ahead",
+        ),
         (
             "received at SMTP: unique Message-IDs / messages",
             f"{result['received_unique']} / {result['received_total']}",
@@ -682,7 +1069,21 @@ def table(result: dict[str, Any]) -> str:
             f"**{result['duplicates']}**"
             + (" (each explained below)" if result["duplicates"] else ""),
         ),
-        ("delivery rows of the expected emails", fmt(result["delivery_states"])),
+        (
+            "superseded (coalesced into the later revision, not sent) / of them received anyway",
+            f"{result['superseded']} / **{result['superseded_but_received']}**",
+        ),
+        ("first `updated` of a booking changed twice", fmt(result["first_updates"])),
+        (
+            "**scheduled emails sent early** / earliest arrival after `scheduled_for`",
+            f"**{result['early']}** / {fmt_seconds(result['min_schedule_margin_s'])}"
+            f" (latest {fmt_seconds(result['max_schedule_margin_s'])})",
+        ),
+        ("delivery rows of the requests", fmt(result["delivery_states"])),
+        (
+            "requests sent without a revision (Postgres down) / answered by a shared email",
+            f"{result['unrecorded_requests']} / {result['coalesced']}",
+        ),
         (
             "dead letters (replayed)",
             f"{len(result['dead_letters'])} ({result['dead_letters_replayed']})",
@@ -709,10 +1110,14 @@ def table(result: dict[str, Any]) -> str:
         ("producer retries", fmt(result["producer"])),
         ("reconciler", fmt(result["reconciler"])),
         (
-            "last disruption ended / all delivered",
-            f"t={result['last_disruption_ended_at']}s / t={result['all_delivered_at']}s",
+            "last disruption ended / all unscheduled delivered / all delivered",
+            f"t={result['last_disruption_ended_at']}s / t={result['unscheduled_delivered_at']}s"
+            f" / t={result['all_delivered_at']}s",
         ),
-        ("throughput incl. disruptions", f"{result['throughput_emails_per_s']} emails/s"),
+        (
+            "throughput incl. disruptions (unscheduled emails)",
+            f"{result['throughput_emails_per_s']} emails/s",
+        ),
     ]
     lines = ["| measure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
@@ -721,6 +1126,10 @@ def table(result: dict[str, Any]) -> str:
 
 def fmt(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in d.items()) or "none"
+
+
+def fmt_seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f} s"
 
 
 def span(e: dict[str, Any] | None) -> str:
@@ -738,6 +1147,14 @@ def report(result: dict[str, Any]) -> str:
         f"{c['bookings']} bookings created over {c['produce_seconds']:.0f} s by a producer calling "
         f"`send_booking_email.send`; {c['processes']} worker processes x {c['threads']} threads; "
         f"SMTP server waits {c['smtp_delay'] * 1000:.0f} ms per recipient; seed {c['seed']}.",
+        "",
+        f"Mix: every booking's status email; {c['update_share']:.0%} of the confirmed bookings "
+        f"changed twice (party size + 1, the second change "
+        f"{c['second_update_after'][0]:g}-{c['second_update_after'][1]:g} s after the first), "
+        "each change followed by an `updated` email; "
+        f"{c['scheduled_share']:.0%} changed once with an `updated` email scheduled "
+        f"{c['schedule_lead'][0]:g}-{c['schedule_lead'][1]:g} s ahead. Each request is counted "
+        "at its revision (Message-ID `<booking-ID.TYPE.rREVISION@...>`).",
         "",
         f"Settings: EMAIL_MIN_BACKOFF_MS={c['min_backoff_ms']}, EMAIL_MAX_BACKOFF_MS="
         f"{c['max_backoff_ms']}, EMAIL_MAX_RETRIES={c['max_retries']}, "
@@ -760,23 +1177,37 @@ def report(result: dict[str, Any]) -> str:
     out += ["", "## Duplicates", ""]
     if result["duplicate_detail"]:
         out += [
-            "| booking | type | copies | first copy at t (s) | cause |",
-            "|---|---|---|---|---|",
+            "| booking | type | revision | copies | first copy at t (s) | cause |",
+            "|---|---|---|---|---|---|",
         ]
         out += [
-            f"| {d['booking_id']} | {d['type']} | {d['copies']} | {d['first_copy_at']} | {d['cause']} |"
+            f"| {d['booking_id']} | {d['type']} | {d['revision']} | {d['copies']} | "
+            f"{d['first_copy_at']} | {d['cause']} |"
             for d in result["duplicate_detail"]
         ]
     else:
         out.append("None.")
+    if result["superseded_but_received_detail"]:
+        out += ["", "## Superseded, yet received", ""]
+        out += [
+            f"- {d['booking_id']} {d['type']} r{d['revision']}: first copy at t={d['first_copy_at']} s"
+            for d in result["superseded_but_received_detail"]
+        ]
+    if result["early_detail"]:
+        out += ["", "## Sent before their scheduled time", ""]
+        out += [
+            f"- {d['booking_id']} r{d['revision']}: scheduled for {d['scheduled_for']}, "
+            f"{d['seconds_early']} s early"
+            for d in result["early_detail"]
+        ]
     out += ["", "## Dead letters", ""]
     if result["dead_letters"]:
         out += [
-            "| booking | type | reason | error | replayed | final state |",
-            "|---|---|---|---|---|---|",
+            "| booking | type | revision | reason | error | replayed | final state |",
+            "|---|---|---|---|---|---|---|",
         ]
         out += [
-            f"| {d['booking_id']} | {d['type']} | {d['reason']} | {d['error']} | "
+            f"| {d['booking_id']} | {d['type']} | {d['revision']} | {d['reason']} | {d['error']} | "
             f"{d['replayed']} | {d['final_state']} |"
             for d in result["dead_letters"]
         ]
@@ -785,7 +1216,10 @@ def report(result: dict[str, Any]) -> str:
     if result["lost_detail"]:
         out += ["", "## Lost", ""]
         out += [
-            f"- {d['booking_id']} {d['type']}: delivery row {d['state']}"
+            f"- {d['booking_id']} {d['type']} r{d['revision']}"
+            + (" (latest)" if d["latest"] else "")
+            + ("" if d["recorded"] else " (sent without a revision)")
+            + f": delivery row {d['state']}"
             for d in result["lost_detail"]
         ]
     return "\n".join(out) + "\n"

@@ -34,7 +34,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -47,6 +46,7 @@ from bench.chaos import (
     Event,
     Run,
     fmt,
+    passed,
     producer_decisions,
     received_ids,
     summarise,
@@ -81,6 +81,8 @@ class FailoverConfig(Config):
     partition_seconds: float = 30.0
     worker_kill_after: float = 2.0
     delivery_limit: int = 10
+    update_share: float = 0.0  # one status email per booking: the chaos run has the other mix
+    scheduled_share: float = 0.0
 
     @classmethod
     def short_failover(cls, **overrides: Any) -> FailoverConfig:
@@ -148,10 +150,7 @@ class FailoverRun(Run):
         stack.callback(self._close_app)
         self.conn = self._connect()
         self.venue = insert_venue(self.conn, name="Failover Bistro")
-        self.expected: dict[tuple[str, str], float] = {}
-        self.producer_stats: Counter[str] = Counter()
-        self.reconciler_stats: Counter[str] = Counter()
-        self.replayed: list[dict[str, Any]] = []
+        self._init_tallies()
         self.events = [Event(kind, at) for kind, at in PLAN[config.scenario]]
         self.worker_kills: list[Event] = []
         self.pod_restarts = 0
@@ -268,12 +267,7 @@ def execute(config: FailoverConfig) -> dict[str, Any]:
         result = summarise(run, last, all_delivered_at, quiet)
         for dup in result["duplicate_detail"]:
             dup["cause"] = explain(dup["first_copy_at"], run.events)
-        result["ok"] = (
-            result["lost"] == 0
-            and all(d["cause"] != "unexplained" for d in result["duplicate_detail"])
-            and result["dead_letters_accounted"]
-            and all_delivered_at is not None
-        )
+        result["ok"] = passed(result)
         result["send_decisions"] = {
             k: v - decided_before.get(k, 0)
             for k, v in result["send_decisions"].items()
@@ -298,9 +292,9 @@ def fault_figures(run: FailoverRun, event: Event, all_delivered_at: float | None
     start = event.started or 0.0
     after = sorted(t for times in received.times.values() for t in times if wall and t > wall)
     fresh = sorted(
-        min(received.times[key])
-        for key, produced_at in run.expected.items()
-        if wall and produced_at > run.clock.wall_to_run(wall) and key in received.times
+        received.first(o.answer)
+        for o in run.account(received).outcomes
+        if wall and o.answer is not None and o.request.at > run.clock.wall_to_run(wall)
     )
     return {
         "kind": event.kind,
