@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import uuid
@@ -112,11 +113,17 @@ def main() -> None:
             "auth_require_tls": False,
         }
     handler = StoringHandler(args.store, args.delay, args.data_delay)
-    asyncio.run(
-        serve(
-            args.port, handler, args.reuse_port, args.ready_dir, data_size_limit=10_000_000, **auth
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C in a terminal reaches it too
+        asyncio.run(
+            serve(
+                args.port,
+                handler,
+                args.reuse_port,
+                args.ready_dir,
+                data_size_limit=10_000_000,
+                **auth,
+            )
         )
-    )
 
 
 if __name__ == "__main__":
