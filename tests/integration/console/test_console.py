@@ -359,6 +359,15 @@ def test_replay_through_preview_and_confirm_sends_once(
     assert "replay" in audit_page.text and seeded.dead_message_id in audit_page.text
 
 
+def preview_replay(client: TestClient, message_id: str) -> str:
+    """The preview page of replaying one dead letter (the dry run)."""
+    listing = client.get("/dead-letters")
+    return client.post(
+        "/dead-letters/preview",
+        data={"action": "replay", "ids": [message_id], "csrf_token": csrf_of(listing.text)},
+    ).text
+
+
 def test_preview_says_an_already_sent_email_is_not_sent_again(
     operator: TestClient, seeded: Seeded, console_env: dict[str, str]
 ) -> None:
@@ -366,16 +375,8 @@ def test_preview_says_an_already_sent_email_is_not_sent_again(
         conn.execute(
             "UPDATE email_deliveries SET state = 'sent' WHERE booking_id = %s", (seeded.dead,)
         )
-    page = operator.get("/dead-letters")
-    preview = operator.post(
-        "/dead-letters/preview",
-        data={
-            "action": "replay",
-            "ids": [seeded.dead_message_id],
-            "csrf_token": csrf_of(page.text),
-        },
-    )
-    assert "already sent, so it is recorded as a duplicate" in preview.text
+    preview = preview_replay(operator, seeded.dead_message_id)
+    assert "already sent, so it is recorded as a duplicate" in preview
 
 
 def test_booking_page_and_preview_follow_revisions(
@@ -410,16 +411,8 @@ def test_booking_page_and_preview_follow_revisions(
     assert '<dd data-testid="booking-revision">3</dd>' in page.text
     assert "superseded by revision 3" in page.text
     assert "Given up on" not in page.text  # the latest revision was sent
-    listing = operator.get("/dead-letters")
-    preview = operator.post(
-        "/dead-letters/preview",
-        data={
-            "action": "replay",
-            "ids": [seeded.dead_message_id],
-            "csrf_token": csrf_of(listing.text),
-        },
-    )
-    assert "superseded this email, so it is not sent" in preview.text
+    preview = preview_replay(operator, seeded.dead_message_id)
+    assert "superseded this email, so it is not sent" in preview
 
 
 def test_purge_removes_the_broker_copy_and_marks_the_record(
