@@ -48,20 +48,20 @@ def deliveries(conn: Conn, booking_id: uuid.UUID) -> list[Row]:
 
 
 def delivery_states(
-    conn: Conn, requests: Sequence[tuple[str, str, int | None]]
-) -> dict[tuple[str, str, int | None], str]:
+    conn: Conn, requests: Sequence[tuple[uuid.UUID, str, int | None]]
+) -> dict[tuple[uuid.UUID, str, int | None], str]:
     """``(booking_id, email_type, revision) -> state`` of the row each request would hit; a
     request without a revision (``None``) is for the booking's current revision, as the worker
-    resolves it."""
+    resolves it (primary-key lookups)."""
     if not requests:
         return {}
     rows = conn.execute(
         """
         SELECT p.booking_id, p.email_type, p.revision, d.state
-        FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS p(booking_id, email_type, revision)
-        LEFT JOIN bookings b ON b.id::text = p.booking_id
+        FROM unnest(%s::uuid[], %s::text[], %s::bigint[]) AS p(booking_id, email_type, revision)
+        LEFT JOIN bookings b ON b.id = p.booking_id
         JOIN email_deliveries d
-          ON d.booking_id::text = p.booking_id AND d.email_type = p.email_type
+          ON d.booking_id = p.booking_id AND d.email_type = p.email_type
          AND d.revision = COALESCE(p.revision, b.revision)
         """,
         ([r[0] for r in requests], [r[1] for r in requests], [r[2] for r in requests]),

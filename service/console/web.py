@@ -205,6 +205,18 @@ def booking_of(letter: DeadLetter) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def request_of(letter: DeadLetter) -> tuple[uuid.UUID, str, int | None] | None:
+    """The email request a dead letter is for: (booking, type, revision); None when its body
+    names no valid booking id or type."""
+    booking_id = booking_of(letter)
+    if booking_id is None or not letter.email_type:
+        return None
+    try:
+        return uuid.UUID(booking_id), letter.email_type, revision_of(letter)
+    except ValueError:
+        return None
+
+
 def revision_of(letter: DeadLetter) -> int | None:
     """The booking revision the message asked for; ``None`` (a message without one) means
     the booking's current revision."""
@@ -570,17 +582,13 @@ class Console:
         selection = Filters(ids=tuple(ids), include_handled=True, limit=len(ids))
         with dead_letters(self.app.db, self.app.broker, self.app.settings, selection) as (found, _):
             by_id = {x.message_id: x for x in found}
-        requests = []
-        for letter in found:
-            booking_id = booking_of(letter)
-            if booking_id and letter.email_type:
-                requests.append((booking_id, letter.email_type, revision_of(letter)))
+        requests = [r for r in map(request_of, found) if r is not None]
         with self.app.db.transaction() as conn:
             states = queries.delivery_states(conn, requests)
         plan = []
         for message_id in ids:
             x = by_id.get(message_id)
-            key = (booking_of(x) or "", x.email_type or "", revision_of(x)) if x else None
+            key = request_of(x) if x else None
             ok, text = replay_plan(
                 found=x is not None,
                 open_=bool(x and x.open),

@@ -4,6 +4,8 @@ what is still due, the replay preview, and the console settings' validation."""
 from __future__ import annotations
 
 import base64
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -20,7 +22,8 @@ from service.console.auth import (
     verify_password,
 )
 from service.console.summary import replay_plan, still_due
-from service.console.web import parse_filters, queue_depths
+from service.console.web import parse_filters, queue_depths, request_of
+from service.dlq.operations import DeadLetter
 from service.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 
 OP = "operator-token-0123456789"
@@ -175,3 +178,35 @@ def test_queue_depths_from_metric_families() -> None:
     assert queue_depths([depth, oldest]) == {
         "q": {"ready": 3, "dead": 1, "oldest_age_seconds": 12.0}
     }
+
+
+def letter(kwargs: Any, email_type: str | None = "updated") -> DeadLetter:
+    return DeadLetter(
+        message_id="m",
+        queue="pending-booking-emails",
+        actor="send_booking_email",
+        email_type=email_type,
+        reason="retries_exhausted",
+        error=None,
+        failed_at=datetime.now(UTC),
+        message={"kwargs": kwargs},
+        recorded=True,
+    )
+
+
+def test_request_of_a_dead_letter() -> None:
+    booking = uuid.uuid4()
+    assert request_of(letter({"booking_id": str(booking), "revision": 3})) == (
+        booking,
+        "updated",
+        3,
+    )
+    assert request_of(letter({"booking_id": str(booking)})) == (booking, "updated", None)
+    assert request_of(letter({"booking_id": str(booking), "revision": True})) == (
+        booking,
+        "updated",
+        None,
+    )
+    assert request_of(letter({"booking_id": "not-a-uuid"})) is None
+    assert request_of(letter({"booking_id": str(booking)}, email_type=None)) is None
+    assert request_of(letter("not a dict")) is None
