@@ -401,16 +401,25 @@ def _percentile(values: list[float], q: float) -> float:
 def measure_producer(rounds: int = 7, batch: int = 300) -> dict[str, Any]:
     """``send_booking_email.send()`` on a single node with classic queues (the baseline) against
     the 3-node cluster with quorum queues (confirm after a Raft majority), in alternating rounds
-    from one thread, same process."""
+    from one thread, same process; both record their requests in the same Postgres."""
     from harness.servers import RabbitServer
     from service.actors import ACTORS
     from service.actors.emails import send_booking_email
+    from service.db import migrate
 
     types = ("request_received", "confirmed", "updated", "cancelled")
     work = Path(tempfile.mkdtemp(prefix="booking-failover-producer-"))
-    base = {"FLAG_CACHE_DIR": str(work / "flags"), "LOG_LEVEL": "WARNING"}
     with ExitStack() as stack:
         say("producer cost: a single node (classic queues) and a 3-node cluster (quorum)")
+        pg = PostgresServer.start_new()  # .send() records each request before it enqueues
+        stack.callback(pg.destroy)
+        database_url = pg.create_database("booking_producer")
+        migrate(database_url)
+        base = {
+            "DATABASE_URL": database_url,
+            "FLAG_CACHE_DIR": str(work / "flags"),
+            "LOG_LEVEL": "WARNING",
+        }
         single = RabbitServer.start_new()
         stack.callback(single.stop)
         cluster = RabbitCluster.start_new()
