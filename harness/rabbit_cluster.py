@@ -36,6 +36,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -190,7 +191,23 @@ class RabbitCluster:
     _cut: set[int] = field(default_factory=set)
 
     @classmethod
-    def start_new(cls, size: int = 3, timeout: float = 180) -> RabbitCluster:
+    def start_new(cls, size: int = 3, timeout: float = 180, attempts: int = 2) -> RabbitCluster:
+        """Start and join ``size`` nodes; a failed start (a join refused while the first node
+        was still settling, on a loaded machine) is reported on stderr and tried again on fresh
+        namespaces, ``attempts`` times in all."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return cls._start(size, timeout)
+            except RabbitUnavailable as error:
+                if attempt == attempts or "could not start" not in str(error):
+                    raise
+                print(
+                    f"cluster start {attempt}/{attempts} failed, retrying: {error}", file=sys.stderr
+                )
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _start(cls, size: int, timeout: float) -> RabbitCluster:
         binary = _find_rabbitmq_server()
         if binary is None or not Path(RABBITMQCTL).exists():
             raise RabbitUnavailable("no rabbitmq-server: install the 'rabbitmq-server' package")
@@ -241,8 +258,9 @@ class RabbitCluster:
         except Exception as error:
             tails = "\n".join(f"{n.nodename}:\n{n.log_tail(1500)}" for n in nodes)
             cluster.destroy()
-            raise RabbitUnavailable(
-                f"could not start a {size}-node RabbitMQ cluster: {error}\n{tails}"
+            raise RabbitUnavailable(  # the cause last, where a truncated log still shows it
+                f"could not start a {size}-node RabbitMQ cluster (node logs follow the cause):\n"
+                f"{tails}\ncause: {type(error).__name__}: {error}"
             ) from None
         return cluster
 
